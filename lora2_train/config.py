@@ -1,0 +1,132 @@
+"""Hyperparameters of LoRA² in one validated dataclass (spec §1–§3)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+#: target groups understood by :mod:`lora2_train.network`
+TARGET_GROUPS = ("attn1", "attn2", "ff", "proj", "resnet", "te_attn", "te_mlp")
+
+#: named presets of target groups; "attn" is the paper's choice (spec §4)
+TARGET_PRESETS = {
+    "attn": ("attn1", "attn2"),
+    "attn+ff": ("attn1", "attn2", "ff"),
+    "attn+ff+proj": ("attn1", "attn2", "ff", "proj"),
+    "all": ("attn1", "attn2", "ff", "proj", "resnet"),
+}
+
+
+class ConfigError(ValueError):
+    """A hyperparameter is invalid; the message names the field."""
+
+
+@dataclass
+class LoRA2Config:
+    """LoRA² hyperparameters.
+
+    Rank (spec §1): ``q`` quantile defining D(ν); ``r_init`` rank at step 0;
+    ``r_target`` rank that L_reg pulls toward (ν_target = −ln(1−q)/r_target);
+    ``r_max`` hard cap (floor ν ≥ −ln(1−q)/r_max); ``r_min`` lowest rank;
+    ``rank_block`` ranks are allocated in multiples of this; ``resize_every``
+    steps between two re-allocations.
+
+    Loss (spec §3): L = L_MSE + lambda_r·L_reg + lambda_e·L_entropy with
+    L_reg = mean|ν−ν_target| + beta·mean(‖A‖²+‖B‖²)/numel.
+
+    Optimisation: Adam/AdamW with ``lr`` for LoRA weights and ``nu_lr`` for
+    the rank parameters ρ (ν = ν_min + softplus(ρ)).
+    """
+
+    q: float = 0.9
+    r_init: int = 64
+    r_target: int = 64
+    r_max: int = 512
+    r_min: int = 1
+    rank_block: int = 4
+    resize_every: int = 10
+    lambda_r: float = 1.0
+    lambda_e: float = 0.0
+    beta: float = 1e-2
+    scale: float = 1.0
+    targets: tuple = TARGET_PRESETS["attn"]
+    lr: float = 5e-5
+    nu_lr: float = 1e-2
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+    steps: int = 500
+    batch_size: int = 1
+    seed: int = 0
+    entropy_queries: int = 256
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"
+    checkpoint_every: int = 100
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.targets, str):
+            self.targets = resolve_targets(self.targets)
+        else:
+            self.targets = tuple(self.targets)
+        self.validate()
+
+    def validate(self) -> "LoRA2Config":
+        def bad(name, why):
+            raise ConfigError(f"LoRA2Config.{name} {why}, got {getattr(self, name)!r}")
+
+        for name in ("q", "lambda_r", "lambda_e", "beta", "lr", "nu_lr", "weight_decay", "scale"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                bad(name, "must be a finite number")
+        if not 0.0 < self.q < 1.0:
+            bad("q", "must lie in (0, 1)")
+        for name in ("r_init", "r_target", "r_max", "r_min", "rank_block", "resize_every", "steps",
+                     "batch_size", "entropy_queries", "checkpoint_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(name, "must be a positive integer")
+        if self.r_min > self.r_max:
+            bad("r_min", f"must not exceed r_max={self.r_max}")
+        if not self.r_min <= self.r_init <= self.r_max:
+            bad("r_init", f"must lie in [r_min={self.r_min}, r_max={self.r_max}]")
+        if not self.r_min <= self.r_target <= self.r_max:
+            bad("r_target", f"must lie in [r_min={self.r_min}, r_max={self.r_max}]")
+        for name in ("lambda_r", "lambda_e", "beta", "weight_decay"):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0")
+        for name in ("lr", "nu_lr", "scale"):
+            if getattr(self, name) <= 0:
+                bad(name, "must be > 0")
+        if self.optimizer not in ("adam", "adamw"):
+            bad("optimizer", "must be 'adam' or 'adamw'")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            bad("mixed_precision", "must be 'no', 'bf16' or 'fp16'")
+        unknown = [t for t in self.targets if t not in TARGET_GROUPS]
+        if unknown or not self.targets:
+            bad("targets", f"must be a non-empty subset of {TARGET_GROUPS}")
+        return self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoRA2Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"LoRA2Config has no field {unknown[0]!r}")
+        return cls(**d)
+
+
+def resolve_targets(spec: str) -> tuple:
+    """'attn' / 'attn+ff' / … preset name, or a comma list of groups, to a tuple of groups."""
+    if spec in TARGET_PRESETS:
+        return TARGET_PRESETS[spec]
+    groups = tuple(s.strip() for s in spec.split(",") if s.strip())
+    unknown = [g for g in groups if g not in TARGET_GROUPS]
+    if unknown or not groups:
+        raise ConfigError(
+            f"LoRA2Config.targets: unknown target {spec!r}; presets {sorted(TARGET_PRESETS)}, groups {TARGET_GROUPS}")
+    return groups

@@ -1,0 +1,213 @@
+"""The adapted layer of LoRA² (spec §2).
+
+    y = W x + s · B_{:, :D} Λ A_{:D, :} x,     A ∈ R^{D×in}, B ∈ R^{out×D}
+
+A and B are stored at the allocated rank D (not r_max), so memory and FLOPs
+follow the effective rank.  When D changes the parameters are
+re-allocated and the optimizer's per-parameter state is carried over for
+surviving positions (new positions start at zero state).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import rank as R
+
+
+class AdaptiveLoRA(nn.Module):
+    """LoRA² component wrapping one ``nn.Linear`` or ``nn.Conv2d``.
+
+    The wrapped module is not registered as a child (its weights stay the base
+    model's); :meth:`apply_to` routes its ``forward`` through this module,
+    :meth:`restore` undoes that.  Λ and ν are derived from the scalar ρ:
+    ν = ν_min + softplus(ρ), Λ = lam(ν, D, scale=D₀).
+    """
+
+    def __init__(self, name: str, base: nn.Module, r_init: int, q: float, r_max: int,
+                 r_min: int = 1, block: int = 4, scale: float = 1.0):
+        super().__init__()
+        if isinstance(base, nn.Linear):
+            self.kind = "linear"
+            in_dim, out_dim = base.in_features, base.out_features
+            self.kernel = ()
+        elif isinstance(base, nn.Conv2d):
+            if base.groups != 1:
+                raise ValueError(f"{name}: grouped convolutions cannot carry a LoRA")
+            self.kind = "conv"
+            in_dim, out_dim = base.in_channels, base.out_channels
+            self.kernel = tuple(base.kernel_size)
+        else:
+            raise TypeError(f"{name}: LoRA² wraps nn.Linear or nn.Conv2d, not {type(base).__name__}")
+        cap = min(in_dim * int(math.prod(self.kernel or (1,))), out_dim)
+        self.name = name
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.q, self.r_min, self.block = q, r_min, block
+        self.r_max = min(r_max, max(cap, r_min))
+        self.nu_min = R.nu_floor(self.r_max, q)
+        r0 = max(min(r_init, self.r_max), r_min)
+        self.multiplier = 1.0
+        self.scale = scale
+        self._base = [base]  # a list hides it from nn.Module registration
+        self._base_forward = None
+
+        nu0 = R.nu_target(r0, q) if r0 < self.r_max else self.nu_min * (1 + 1e-4)
+        self.rho = nn.Parameter(torch.tensor(R.rho_from_nu(nu0, self.nu_min), dtype=torch.float32))
+        self.register_buffer("lam_scale", torch.tensor(float(r0)), persistent=True)
+        w = base.weight
+        self.lora_down = nn.Parameter(self._init_down(r0, w.device))
+        self.lora_up = nn.Parameter(torch.zeros(self._up_shape(r0), device=w.device))
+
+    # ---- shapes -------------------------------------------------------------------------------
+    def _down_shape(self, d):
+        return (d, self.in_dim, *self.kernel)
+
+    def _up_shape(self, d):
+        return (self.out_dim, d) if self.kind == "linear" else (self.out_dim, d, 1, 1)
+
+    def _init_down(self, n, device):
+        """Kaiming-uniform(a=√5) rows, as standard LoRA initializes A: U(−1/√fan_in, 1/√fan_in)."""
+        fan_in = self.in_dim * int(math.prod(self.kernel or (1,)))
+        bound = 1.0 / math.sqrt(fan_in)
+        return torch.empty(self._down_shape(n), device=device).uniform_(-bound, bound)
+
+    @property
+    def base(self) -> nn.Module:
+        return self._base[0]
+
+    @property
+    def rank(self) -> int:
+        """Allocated rank D (rows of A); the number of positions in use."""
+        return self.lora_down.shape[0]
+
+    # ---- rank distribution -------------------------------------------------------------------
+    def nu(self) -> torch.Tensor:
+        """ν = ν_min + softplus(ρ)."""
+        return R.nu_from_rho(self.rho, self.nu_min)
+
+    def effective_rank(self) -> int:
+        """D(ν) = ceil(−ln(1−q)/ν) clamped to [r_min, r_max] (before block rounding)."""
+        return R.effective_rank(self.nu(), self.q, self.r_max, self.r_min)
+
+    def target_rank(self) -> int:
+        """Rank the parameters should be allocated at now: D(ν) rounded up to the block size."""
+        return R.round_rank(self.effective_rank(), self.block, self.r_max)
+
+    def lam(self) -> torch.Tensor:
+        """Λ diagonal over the allocated positions (differentiable in ρ)."""
+        return R.lam(self.nu(), self.rank, scale=self.lam_scale)
+
+    # ---- forward -----------------------------------------------------------------------------
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """s · B Λ A x; Λ is folded into B (out×D) which is cheaper than scaling the activations."""
+        lam = self.lam().to(self.lora_up.dtype)
+        base = self.base
+        if self.kind == "linear":
+            h = F.linear(x, self.lora_down.to(x.dtype))
+            return F.linear(h, (self.lora_up * lam).to(x.dtype))
+        h = F.conv2d(x, self.lora_down.to(x.dtype), None, base.stride, base.padding, base.dilation)
+        return F.conv2d(h, (self.lora_up * lam[None, :, None, None]).to(x.dtype))
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self._base_forward(x, *args, **kwargs)
+        if self.multiplier == 0.0:
+            return y
+        return y + (self.multiplier * self.scale) * self.delta(x).to(y.dtype)
+
+    def apply_to(self) -> None:
+        """Route the wrapped module's forward through this LoRA (kohya-style monkey patch)."""
+        if self._base_forward is None:
+            self._base_forward = self.base.forward
+            self.base.forward = self.forward
+
+    def restore(self) -> None:
+        if self._base_forward is not None:
+            self.base.forward = self._base_forward
+            self._base_forward = None
+
+    # ---- weights -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def folded_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up) with s·Λ folded into up, so ΔW = up @ down with kohya alpha = D (spec §5)."""
+        lam = self.lam().detach()
+        if self.kind == "linear":
+            up = self.lora_up * lam * self.scale
+        else:
+            up = self.lora_up * lam[None, :, None, None] * self.scale
+        return self.lora_down.detach().clone(), up.detach().clone()
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = s · B Λ A in the wrapped module's weight shape."""
+        down, up = self.folded_factors()
+        if self.kind == "linear":
+            return up @ down
+        return torch.einsum("od,dikl->oikl", up[:, :, 0, 0], down)
+
+    # ---- grow / shrink -----------------------------------------------------------------------
+    @torch.no_grad()
+    def resize(self, new_rank: int, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """Re-allocate A and B at `new_rank` positions (spec §2).
+
+        grow: new rows of A get a fresh init and new columns of B are zero;
+        shrink: the tail (least important) positions are dropped.  The kept
+        columns of B are multiplied by Σ_new/Σ_old (Σ_D = 1 − e^{−νD}, the
+        renormalization of Λ), so every surviving position contributes exactly
+        what it did before: growing leaves ΔW unchanged.  The same Parameter
+        objects are kept; optimizer state of surviving positions is carried,
+        new positions start at zero state.  Returns True if the rank changed.
+        """
+        new_rank = int(min(max(new_rank, self.r_min), self.r_max))
+        old = self.rank
+        if new_rank == old:
+            return False
+        keep = min(old, new_rank)
+        nu = self.nu().detach().double()
+        ratio = float(torch.expm1(-nu * new_rank) / torch.expm1(-nu * old))
+        dev = self.lora_down.device
+        down = self.lora_down.data
+        up = self.lora_up.data
+        if new_rank > old:
+            new_down = torch.cat([down, self._init_down(new_rank - old, dev).to(down.dtype)], 0)
+            pad = torch.zeros(self._up_shape(new_rank - old), device=dev, dtype=up.dtype)
+            new_up = torch.cat([up * ratio, pad], 1)
+        else:
+            new_down = down[:keep].clone()
+            new_up = (up[:, :keep] * ratio).clone()
+        self._resize_param("lora_down", new_down, 0, keep, optimizer)
+        self._resize_param("lora_up", new_up, 1, keep, optimizer)
+        return True
+
+    def _resize_param(self, name: str, new: torch.Tensor, dim: int, keep: int, optimizer) -> None:
+        """Swap in a new Parameter of the new shape, in the module and in the optimizer, carrying state.
+
+        A fresh Parameter (rather than ``p.data = …``) keeps autograd sound while an
+        old graph still references the previous one.
+        """
+        old = getattr(self, name)
+        param = nn.Parameter(new, requires_grad=old.requires_grad)
+        setattr(self, name, param)
+        opt = getattr(optimizer, "optimizer", optimizer)  # accelerate / wrappers expose .optimizer
+        if opt is None:
+            return
+        for group in opt.param_groups:
+            group["params"] = [param if p is old else p for p in group["params"]]
+        state = opt.state.pop(old, None)
+        if not state:
+            return
+        for k, v in list(state.items()):
+            if isinstance(v, torch.Tensor) and v.shape == old.shape:
+                fresh = torch.zeros_like(new, dtype=v.dtype)
+                fresh.narrow(dim, 0, keep).copy_(v.narrow(dim, 0, keep))
+                state[k] = fresh
+            elif isinstance(v, torch.Tensor) and v.dim() > 0:
+                raise RuntimeError(
+                    f"{self.name}: optimizer {type(opt).__name__} keeps state {k!r} of shape {tuple(v.shape)} that "
+                    f"is not per-element; LoRA² can only resize optimizers with per-element state (Adam, AdamW, SGD)")
+        opt.state[param] = state
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: {self.kind} {self.in_dim}->{self.out_dim}, rank={self.rank}, r_max={self.r_max}"

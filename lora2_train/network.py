@@ -1,0 +1,150 @@
+"""Injection of LoRA² components into a UNet and text encoders (spec §4).
+
+A :class:`LoRA2Network` finds the target ``nn.Linear`` / ``nn.Conv2d``
+modules by path patterns, wraps each in an :class:`AdaptiveLoRA` named by its
+kohya key, and exposes what a trainer needs: parameter groups (LoRA weights,
+rank parameters ρ), per-component ranks and ν, re-allocation, L_reg.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from . import naming
+from . import rank as R
+from .config import LoRA2Config
+from .layer import AdaptiveLoRA
+
+#: path patterns of each target group; both ldm and diffusers spellings
+TARGET_PATTERNS = {
+    "attn1": r"\.attn1\.(to_q|to_k|to_v|to_out\.0)$",
+    "attn2": r"\.attn2\.(to_q|to_k|to_v|to_out\.0)$",
+    "ff": r"\.ff\.net\.(0\.proj|2)$",
+    "proj": r"\.(proj_in|proj_out)$",
+    "resnet": r"(\.(in_layers\.2|out_layers\.3|skip_connection)|\.resnets\.\d+\.(conv1|conv2|conv_shortcut))$",
+    "te_attn": r"self_attn\.(q_proj|k_proj|v_proj|out_proj)$",
+    "te_mlp": r"mlp\.(fc1|fc2)$",
+}
+UNET_GROUPS = ("attn1", "attn2", "ff", "proj", "resnet")
+TE_GROUPS = ("te_attn", "te_mlp")
+
+
+class LoRA2Network(nn.Module):
+    """All LoRA² components of one model, keyed by kohya name."""
+
+    def __init__(self, config: LoRA2Config, unet: nn.Module | None = None,
+                 text_encoders: Sequence[nn.Module] = ()):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleDict()
+        self.nu_target = R.nu_target(config.r_target, config.q)
+        if unet is not None:
+            self._inject(unet, naming.UNET_PREFIX, [g for g in config.targets if g in UNET_GROUPS])
+        te_groups = [g for g in config.targets if g in TE_GROUPS]
+        if te_groups:
+            for i, te in enumerate(text_encoders):
+                self._inject(te, naming.TE_PREFIXES[i], te_groups)
+        if not len(self.layers):
+            raise ValueError(f"no module of the model matches targets {list(config.targets)}")
+
+    # ---- construction ------------------------------------------------------------------------
+    def _inject(self, root: nn.Module, prefix: str, groups: Iterable[str]) -> None:
+        groups = list(groups)
+        if not groups:
+            return
+        pattern = re.compile("|".join(f"(?:{TARGET_PATTERNS[g]})" for g in groups))
+        translate = _path_translator(root) if prefix == naming.UNET_PREFIX else naming.text_encoder_path
+        c = self.config
+        for path, module in root.named_modules():
+            if not isinstance(module, (nn.Linear, nn.Conv2d)) or not pattern.search("." + path):
+                continue
+            if isinstance(module, nn.Conv2d) and module.groups != 1:
+                continue
+            key = naming.kohya_key(translate(path), prefix)
+            if key in self.layers:
+                raise ValueError(f"two modules map to the same kohya key {key!r}")
+            self.layers[key] = AdaptiveLoRA(key, module, c.r_init, c.q, c.r_max, c.r_min, c.rank_block, c.scale)
+
+    def apply_to(self) -> "LoRA2Network":
+        for layer in self.layers.values():
+            layer.apply_to()
+        return self
+
+    def restore(self) -> None:
+        """Give every wrapped module its own forward back (the base model is untouched)."""
+        for layer in self.layers.values():
+            layer.restore()
+
+    def set_multiplier(self, multiplier: float) -> None:
+        for layer in self.layers.values():
+            layer.multiplier = float(multiplier)
+
+    # ---- parameters --------------------------------------------------------------------------
+    def weight_parameters(self) -> list[nn.Parameter]:
+        return [p for l in self.layers.values() for p in (l.lora_down, l.lora_up)]
+
+    def rank_parameters(self) -> list[nn.Parameter]:
+        return [l.rho for l in self.layers.values()]
+
+    def param_groups(self, lr: float | None = None, nu_lr: float | None = None) -> list[dict]:
+        """Optimizer groups: LoRA weights at `lr`, rank parameters ρ at `nu_lr` (no weight decay)."""
+        c = self.config
+        return [
+            {"params": self.weight_parameters(), "lr": c.lr if lr is None else lr, "name": "lora"},
+            {"params": self.rank_parameters(), "lr": c.nu_lr if nu_lr is None else nu_lr,
+             "weight_decay": 0.0, "name": "nu"},
+        ]
+
+    def num_parameters(self) -> int:
+        """LoRA parameters as saved: Σ_ℓ D_ℓ·(in_ℓ·k_ℓ + out_ℓ)."""
+        return sum(l.lora_down.numel() + l.lora_up.numel() for l in self.layers.values())
+
+    # ---- ranks -------------------------------------------------------------------------------
+    def ranks(self) -> dict[str, int]:
+        return {k: l.rank for k, l in self.layers.items()}
+
+    def nus(self) -> dict[str, float]:
+        return {k: float(l.nu().detach()) for k, l in self.layers.items()}
+
+    @torch.no_grad()
+    def resize(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, tuple[int, int]]:
+        """Re-allocate every component at its current D(ν) (rounded to the block); returns changes."""
+        changed = {}
+        for k, layer in self.layers.items():
+            old, new = layer.rank, layer.target_rank()
+            if layer.resize(new, optimizer):
+                changed[k] = (old, new)
+        return changed
+
+    # ---- regularizer -------------------------------------------------------------------------
+    def reg_loss(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """L_reg parts (spec §3): (mean_ℓ |ν_ℓ − ν_target|,  mean_ℓ (‖A_ℓ‖² + ‖B_ℓ‖²)/numel_ℓ)."""
+        layers = list(self.layers.values())
+        nu = torch.stack([l.nu() for l in layers])
+        rank_term = (nu - self.nu_target).abs().mean()
+        w = torch.stack([(l.lora_down.square().sum() + l.lora_up.square().sum())
+                         / (l.lora_down.numel() + l.lora_up.numel()) for l in layers])
+        return rank_term, w.mean()
+
+    # ---- checkpoint state --------------------------------------------------------------------
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a :meth:`state_dict` whose ranks may differ from the current allocation."""
+        missing = [k for k in self.layers if f"layers.{k}.lora_down" not in state]
+        if missing:
+            raise KeyError(f"checkpoint lacks LoRA² component {missing[0]!r}")
+        for k, layer in self.layers.items():
+            layer.resize(state[f"layers.{k}.lora_down"].shape[0])
+        self.load_state_dict(state, strict=True)
+
+
+def _path_translator(root: nn.Module):
+    """Identity for ldm UNets; diffusers → ldm path translation for diffusers UNets."""
+    children = dict(root.named_children())
+    if "down_blocks" not in children:
+        return lambda p: p
+    n = len(children["down_blocks"][0].resnets)
+    up_attn = {i: hasattr(b, "attentions") for i, b in enumerate(children["up_blocks"])}
+    return lambda p: naming.diffusers_to_ldm(p, n, up_attn)

@@ -1,0 +1,245 @@
+"""The embedded LoRA² trainer (spec §3): model-agnostic, in-process.
+
+It takes a UNet-like callable ``model(x_t, t, **cond) → ε̂``, a
+:class:`LoRA2Network` already injected into it, a dataset of (latents, text
+conditioning) and a noise schedule, and minimizes
+
+    L_total = L_MSE + λ_r · (mean|ν − ν_target| + β · mean(‖A‖²+‖B‖²)/numel) + λ_e · L_entropy
+
+with Adam/AdamW, re-allocating every component at D(ν) every
+``resize_every`` steps.  Checkpoints hold ν, weights, optimizer, step and RNG.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .config import LoRA2Config
+from .format import atomic_write_bytes
+from .network import LoRA2Network
+from .objective import CrossAttentionEntropy, DDPMSchedule, mse_loss
+
+CHECKPOINT_FORMAT = "lora2-checkpoint"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/Inf; training stopped and the last good checkpoint was kept."""
+
+
+@dataclass
+class ProgressEvent:
+    """What the trainer reports after every step (CLI progress bar, ComfyUI node, live chart)."""
+
+    step: int
+    total: int
+    loss: float
+    mse: float
+    reg: float
+    entropy: float
+    ranks: dict[str, int]
+    num_params: int
+    resized: dict[str, tuple[int, int]]
+    elapsed: float
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    stopped: bool
+    ranks: dict[str, int]
+    nus: dict[str, float]
+    num_params: int
+    last: ProgressEvent | None
+    history: list[dict] = field(default_factory=list)
+    checkpoint: Path | None = None
+
+
+class SampledDataset:
+    """Samples batches from a finite list of examples ``{"latents": (C,H,W), "cond": {name: tensor}}``."""
+
+    def __init__(self, examples: Sequence[dict]):
+        if len(examples) == 0:
+            raise ValueError("dataset is empty: no (latents, conditioning) examples to train on")
+        self.examples = list(examples)
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> dict:
+        idx = torch.randint(0, len(self.examples), (batch_size,), generator=generator).tolist()
+        items = [self.examples[i] for i in idx]
+        cond = {k: torch.stack([it["cond"][k] for it in items]) for k in items[0]["cond"]}
+        return {"latents": torch.stack([it["latents"] for it in items]), "cond": cond}
+
+
+class Trainer:
+    """Runs LoRA² training; see the module docstring for the objective."""
+
+    def __init__(self, model: Callable, network: LoRA2Network, dataset, config: LoRA2Config,
+                 schedule: DDPMSchedule | None = None, teacher: Callable | None = None,
+                 out_dir: str | Path | None = None, callback: Callable[[ProgressEvent], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None, device: str | torch.device = "cpu",
+                 entropy_root: torch.nn.Module | None = None):
+        self.model, self.network, self.config = model, network, config.validate()
+        self.dataset = dataset if hasattr(dataset, "sample") else SampledDataset(dataset)
+        self.schedule = schedule or DDPMSchedule()
+        self.teacher = teacher
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.callback, self.should_stop = callback, should_stop
+        self.device = torch.device(device)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.history: list[dict] = []
+        self.optimizer = self._make_optimizer()
+        self.entropy = None
+        if config.lambda_e > 0:
+            root = entropy_root if entropy_root is not None else model
+            if not isinstance(root, torch.nn.Module):
+                raise ValueError("lambda_e > 0 needs entropy_root: the nn.Module holding the cross-attentions")
+            self.entropy = CrossAttentionEntropy(root, config.entropy_queries, self.generator)
+            if self.entropy.num_layers == 0:
+                raise ValueError("lambda_e > 0 but the model has no cross-attention (attn2) with to_q/to_k")
+        if config.gradient_checkpointing:
+            enable = getattr(model, "enable_gradient_checkpointing", None)
+            if enable is None:
+                raise ValueError("gradient_checkpointing: the model has no enable_gradient_checkpointing()")
+            enable()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16"
+                                           and self.device.type == "cuda")
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        cls = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
+        groups = self.network.param_groups()
+        groups[0]["weight_decay"] = c.weight_decay
+        # foreach=False: parameter shapes change at every re-allocation
+        return cls(groups, lr=c.lr, foreach=False)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.out_dir / "checkpoint.pt" if self.out_dir is not None else None
+
+    def save_checkpoint(self, path: str | Path | None = None) -> Path:
+        path = Path(path) if path is not None else self.checkpoint_path
+        if path is None:
+            raise ValueError("no out_dir: cannot save a checkpoint")
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "config": json.dumps(self.config.to_dict(), default=str),
+            "network": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng_torch": torch.get_rng_state(),
+            "rng_data": self.generator.get_state(),
+            "history": json.dumps(self.history),
+        }
+        import io
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        return atomic_write_bytes(path, buf.getvalue(), overwrite=True)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Resume: ν, weights (at their saved ranks), optimizer state, step, RNG and rank history."""
+        path = Path(path)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable LoRA² checkpoint ({e})") from None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: not a LoRA² checkpoint (field 'format' missing)")
+        saved = json.loads(state["config"])
+        for name in ("q", "r_max", "targets"):
+            mine = self.config.to_dict()[name]
+            if saved.get(name) != mine:
+                raise ValueError(f"{path}: checkpoint field {name!r}={saved.get(name)!r} differs from this run's {mine!r}")
+        self.network.load_state(state["network"])
+        self.optimizer = self._make_optimizer()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["rng_torch"])
+        self.generator.set_state(state["rng_data"])
+        self.history = json.loads(state["history"])
+
+    # ---- one step ----------------------------------------------------------------------------
+    def _batch(self):
+        b = self.dataset.sample(self.config.batch_size, self.generator)
+        x0 = b["latents"].to(self.device)
+        cond = {k: v.to(self.device) for k, v in b["cond"].items()}
+        noise = torch.randn(x0.shape, generator=self.generator).to(self.device, x0.dtype)
+        t = self.schedule.sample_timesteps(x0.shape[0], self.generator, self.device)
+        return self.schedule.add_noise(x0, noise, t), t, cond, noise
+
+    def _losses(self):
+        c = self.config
+        x_t, t, cond, noise = self._batch()
+        if self.teacher is not None:
+            with torch.no_grad():
+                target = self.teacher(x_t, t, **cond)
+        else:
+            target = noise
+        if self.entropy is not None:
+            self.entropy.reset()
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.mixed_precision)
+        with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            pred = self.model(x_t, t, **cond)
+        mse = mse_loss(pred, target)
+        rank_term, weight_term = self.network.reg_loss()
+        reg = rank_term + c.beta * weight_term
+        ent = self.entropy.loss() if self.entropy is not None else torch.zeros(())
+        total = mse + c.lambda_r * reg + c.lambda_e * ent.to(mse.device)
+        return total, mse, reg, ent
+
+    def train(self, resume_from: str | Path | None = None) -> TrainResult:
+        c = self.config
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        if not self.history:
+            self.history.append({"step": self.step, "ranks": self.network.ranks()})
+        start_time = time.perf_counter()
+        stopped, last = False, None
+        self.network.train()
+        try:
+            while self.step < c.steps:
+                if self.should_stop is not None and self.should_stop():
+                    stopped = True
+                    break
+                total, mse, reg, ent = self._losses()
+                if not torch.isfinite(total):
+                    where = f"; last good checkpoint: {self.checkpoint_path}" if self._has_checkpoint() else ""
+                    raise TrainingDiverged(
+                        f"loss became {total.item()} at step {self.step + 1} (mse={mse.item():.4g}, "
+                        f"reg={reg.item():.4g}, entropy={ent.item():.4g}); training stopped{where}")
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(total).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.step += 1
+                resized = {}
+                if self.step % c.resize_every == 0 or self.step == c.steps:
+                    resized = self.network.resize(self.optimizer)
+                    self.history.append({"step": self.step, "ranks": self.network.ranks()})
+                last = ProgressEvent(self.step, c.steps, total.item(), mse.item(), reg.item(), ent.item(),
+                                     self.network.ranks(), self.network.num_parameters(), resized,
+                                     time.perf_counter() - start_time)
+                if self.callback is not None:
+                    self.callback(last)
+                if self.out_dir is not None and self.step % c.checkpoint_every == 0:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            if self.out_dir is not None:
+                self.save_checkpoint()
+            raise
+        if self.out_dir is not None and (stopped or self.step == c.steps):
+            self.save_checkpoint()
+        if self.entropy is not None:
+            self.entropy.remove()
+        return TrainResult(self.step, stopped, self.network.ranks(), self.network.nus(),
+                           self.network.num_parameters(), last, self.history,
+                           self.checkpoint_path if self.out_dir is not None else None)
+
+    def _has_checkpoint(self) -> bool:
+        return self.checkpoint_path is not None and self.checkpoint_path.exists()

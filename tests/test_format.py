@@ -1,0 +1,95 @@
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from lora2_train.config import LoRA2Config
+from lora2_train.format import (AdapterFormatError, adapter_from_network, load_adapter, save_adapter)
+from lora2_train.network import LoRA2Network
+
+
+def ragged_network(tiny_koala):
+    cfg = LoRA2Config(r_init=8, r_target=8, r_max=32, targets="attn")
+    net = LoRA2Network(cfg, tiny_koala)
+    with torch.no_grad():
+        for i, l in enumerate(net.layers.values()):
+            l.resize(4 + 4 * (i % 5))
+            l.lora_up.normal_(std=0.05)
+    return cfg, net
+
+
+def test_written_file_is_kohya_with_ragged_ranks_and_metadata(tmp_path, tiny_koala):
+    cfg, net = ragged_network(tiny_koala)
+    path = save_adapter(adapter_from_network(net, cfg), tmp_path / "a.safetensors", dtype="fp32")
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        meta = f.metadata()
+        for name, layer in net.layers.items():
+            assert f.get_tensor(f"{name}.lora_down.weight").shape == (layer.rank, layer.in_dim)
+            assert f.get_tensor(f"{name}.lora_up.weight").shape == (layer.out_dim, layer.rank)
+            assert float(f.get_tensor(f"{name}.alpha")) == layer.rank
+    assert len(keys) == 3 * len(net.layers)
+    ranks = json.loads(meta["lora2_ranks"])
+    assert ranks == net.ranks() and len(set(ranks.values())) == 5
+    assert meta["ss_network_dim"] == str(max(ranks.values()))
+    assert meta["ss_network_module"] == "networks.lora"
+    assert json.loads(meta["lora2_config"])["q"] == 0.9
+    assert set(json.loads(meta["lora2_nu"])) == set(ranks)
+
+
+def test_file_delta_w_equals_network_delta_w(tmp_path, tiny_koala):
+    cfg, net = ragged_network(tiny_koala)
+    path = save_adapter(adapter_from_network(net, cfg), tmp_path / "a.safetensors", dtype="fp32")
+    ad = load_adapter(path)
+    for name, layer in net.layers.items():
+        assert torch.allclose(ad.modules[name].delta_weight(), layer.delta_weight(), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+def test_round_trip_tensors_and_metadata(tmp_path, tiny_koala, dtype):
+    cfg, net = ragged_network(tiny_koala)
+    ad = adapter_from_network(net, cfg)
+    path = save_adapter(ad, tmp_path / "a.safetensors", dtype=dtype)
+    back = load_adapter(path)
+    assert back.ranks() == ad.ranks()
+    assert {k: v for k, v in back.metadata.items() if k != "lora2_dtype"} == ad.metadata
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    for k, m in ad.modules.items():
+        assert back.modules[k].down.dtype == dt
+        assert torch.equal(back.modules[k].down, m.down.to(dt))
+        assert torch.equal(back.modules[k].up, m.up.to(dt))
+
+
+def test_never_overwrites_and_writes_atomically(tmp_path, tiny_koala):
+    cfg, net = ragged_network(tiny_koala)
+    ad = adapter_from_network(net, cfg)
+    p = tmp_path / "a.safetensors"
+    p.write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match="a.safetensors"):
+        save_adapter(ad, p)
+    assert p.read_bytes() == b"precious"
+    save_adapter(ad, p, overwrite=True)
+    assert load_adapter(p).ranks() == ad.ranks()
+    assert [x.name for x in tmp_path.iterdir()] == ["a.safetensors"]  # no temporary file left
+
+
+def test_reader_rejects_pickles_and_garbage(tmp_path):
+    pt = tmp_path / "x.pt"
+    torch.save({"a": torch.zeros(1)}, pt)
+    with pytest.raises(AdapterFormatError, match="x.pt.*pickle"):
+        load_adapter(pt)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(AdapterFormatError, match="bad.safetensors"):
+        load_adapter(bad)
+
+
+def test_missing_alpha_means_alpha_equals_rank(tmp_path):
+    from safetensors.torch import save_file
+    p = tmp_path / "noalpha.safetensors"
+    save_file({"m.lora_down.weight": torch.ones(3, 4), "m.lora_up.weight": torch.ones(5, 3)}, str(p))
+    ad = load_adapter(p)
+    assert ad.modules["m"].alpha == 3.0
+    assert torch.allclose(ad.modules["m"].delta_weight(), torch.full((5, 4), 3.0))

@@ -1,0 +1,52 @@
+import ast
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_pack_imports_outside_comfyui_as_a_package():
+    spec = importlib.util.spec_from_file_location("lora2_pack", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["lora2_pack"] = mod
+    try:
+        spec.loader.exec_module(mod)
+        assert mod.WEB_DIRECTORY == "./web"
+        assert set(mod.NODE_CLASS_MAPPINGS) == set(mod.NODE_DISPLAY_NAME_MAPPINGS)
+        for cls in mod.NODE_CLASS_MAPPINGS.values():
+            inputs = cls.INPUT_TYPES()
+            assert "required" in inputs
+            assert isinstance(cls.RETURN_TYPES, tuple) and hasattr(cls, cls.FUNCTION)
+            assert cls.CATEGORY == "LoRA²"
+    finally:
+        sys.modules.pop("lora2_pack", None)
+
+
+def test_library_never_imports_comfyui():
+    banned = {"comfy", "folder_paths", "server", "nodes", "comfy_extras", "execution"}
+    for path in (ROOT / "lora2_train").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            for n in names:
+                assert n.split(".")[0] not in banned, f"{path} imports {n}"
+
+
+def test_cli_help_and_one_line_errors(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "lora2_train", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "demo" in r.stdout
+    (tmp_path / "summary.json").write_text("{}")
+    r = subprocess.run([sys.executable, "-m", "lora2_train", "demo", "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0
+    assert "summary.json" in r.stderr and "--overwrite" in r.stderr
+    assert (tmp_path / "summary.json").read_text() == "{}"
