@@ -53,9 +53,12 @@ class AdaptiveLoRA(nn.Module):
         self.scale = scale
         self._base = [base]  # a list hides it from nn.Module registration
         self._base_forward = None
+        # Λ handed over by LoRA2Network before each model call; valid while ρ is unchanged
+        # (also during gradient-checkpoint recomputation, which must see the same graph)
+        self._lam_cache: torch.Tensor | None = None
+        self._lam_version = -1
 
-        nu0 = R.nu_target(r0, q) if r0 < self.r_max else self.nu_min * (1 + 1e-4)
-        self.rho = nn.Parameter(torch.tensor(R.rho_from_nu(nu0, self.nu_min), dtype=torch.float32))
+        self.rho = nn.Parameter(torch.tensor(self._rho_for_rank(r0), dtype=torch.float32))
         self.register_buffer("lam_scale", torch.tensor(float(r0)), persistent=True)
         w = base.weight
         self.lora_down = nn.Parameter(self._init_down(r0, w.device))
@@ -84,6 +87,18 @@ class AdaptiveLoRA(nn.Module):
         return self.lora_down.shape[0]
 
     # ---- rank distribution -------------------------------------------------------------------
+    def _rho_for_rank(self, r: int) -> float:
+        """ρ with D(ν) = r: ν = ν_target(r), or just above the floor when r = r_max."""
+        nu = R.nu_target(r, self.q) if r < self.r_max else self.nu_min * (1 + 1e-4)
+        return R.rho_from_nu(nu, self.nu_min)
+
+    @torch.no_grad()
+    def set_rank(self, r: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Set ν so that D(ν) = r and re-allocate at r (used to start from a given ragged layout)."""
+        r = int(min(max(r, self.r_min), self.r_max))
+        self.rho.fill_(self._rho_for_rank(r))
+        self.resize(r, optimizer)
+
     def nu(self) -> torch.Tensor:
         """ν = ν_min + softplus(ρ)."""
         return R.nu_from_rho(self.rho, self.nu_min)
@@ -103,7 +118,10 @@ class AdaptiveLoRA(nn.Module):
     # ---- forward -----------------------------------------------------------------------------
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """s · B Λ A x; Λ is folded into B (out×D) which is cheaper than scaling the activations."""
-        lam = self.lam().to(self.lora_up.dtype)
+        cached = self._lam_cache
+        fresh = cached is not None and self._lam_version == self.rho._version and cached.shape[0] == self.rank
+        lam = cached if fresh else self.lam()
+        lam = lam.to(self.lora_up.dtype)
         base = self.base
         if self.kind == "linear":
             h = F.linear(x, self.lora_down.to(x.dtype))

@@ -41,6 +41,8 @@ class LoRA2Network(nn.Module):
         self.config = config
         self.layers = nn.ModuleDict()
         self.nu_target = R.nu_target(config.r_target, config.q)
+        self._roots: list[nn.Module] = []
+        self._hooks: list = []
         if unet is not None:
             self._inject(unet, naming.UNET_PREFIX, [g for g in config.targets if g in UNET_GROUPS])
         te_groups = [g for g in config.targets if g in TE_GROUPS]
@@ -55,6 +57,7 @@ class LoRA2Network(nn.Module):
         groups = list(groups)
         if not groups:
             return
+        self._roots.append(root)
         pattern = re.compile("|".join(f"(?:{TARGET_PATTERNS[g]})" for g in groups))
         translate = _path_translator(root) if prefix == naming.UNET_PREFIX else naming.text_encoder_path
         c = self.config
@@ -69,14 +72,44 @@ class LoRA2Network(nn.Module):
             self.layers[key] = AdaptiveLoRA(key, module, c.r_init, c.q, c.r_max, c.r_min, c.rank_block, c.scale)
 
     def apply_to(self) -> "LoRA2Network":
+        """Patch every wrapped module; around each call of a model root, Λ of all components is
+        computed once, vectorized (:meth:`refresh_lam`), instead of once per component."""
         for layer in self.layers.values():
             layer.apply_to()
+        if not self._hooks:
+            for root in self._roots:
+                self._hooks.append(root.register_forward_pre_hook(lambda *_: self.refresh_lam()))
         return self
 
     def restore(self) -> None:
         """Give every wrapped module its own forward back (the base model is untouched)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self.clear_lam()
         for layer in self.layers.values():
             layer.restore()
+
+    def nu_vector(self) -> torch.Tensor:
+        """ν of every component, in layer order: ν = ν_min + softplus(ρ)."""
+        layers = list(self.layers.values())
+        rho = torch.stack([l.rho for l in layers])
+        nu_min = torch.tensor([l.nu_min for l in layers], dtype=rho.dtype, device=rho.device)
+        return R.nu_from_rho(rho, nu_min)
+
+    def refresh_lam(self) -> None:
+        """Compute Λ of all components in one vectorized pass and hand each layer its slice."""
+        layers = list(self.layers.values())
+        ranks = [l.rank for l in layers]
+        scale = torch.stack([l.lam_scale for l in layers])
+        flat = R.lam_ragged(self.nu_vector(), ranks, scale)
+        for layer, lam in zip(layers, torch.split(flat, ranks)):
+            layer._lam_cache = lam
+            layer._lam_version = layer.rho._version
+
+    def clear_lam(self) -> None:
+        for layer in self.layers.values():
+            layer._lam_cache = None
 
     def set_multiplier(self, multiplier: float) -> None:
         for layer in self.layers.values():
@@ -123,11 +156,12 @@ class LoRA2Network(nn.Module):
     def reg_loss(self) -> tuple[torch.Tensor, torch.Tensor]:
         """L_reg parts (spec §3): (mean_ℓ |ν_ℓ − ν_target|,  mean_ℓ (‖A_ℓ‖² + ‖B_ℓ‖²)/numel_ℓ)."""
         layers = list(self.layers.values())
-        nu = torch.stack([l.nu() for l in layers])
-        rank_term = (nu - self.nu_target).abs().mean()
-        w = torch.stack([(l.lora_down.square().sum() + l.lora_up.square().sum())
-                         / (l.lora_down.numel() + l.lora_up.numel()) for l in layers])
-        return rank_term, w.mean()
+        rank_term = (self.nu_vector() - self.nu_target).abs().mean()
+        params = [p for l in layers for p in (l.lora_down, l.lora_up)]
+        sq = torch.stack(torch._foreach_norm(params)).square().view(-1, 2).sum(1)
+        numel = torch.tensor([l.lora_down.numel() + l.lora_up.numel() for l in layers], dtype=sq.dtype,
+                             device=sq.device)
+        return rank_term, (sq / numel).mean()
 
     # ---- checkpoint state --------------------------------------------------------------------
     def load_state(self, state: dict[str, torch.Tensor]) -> None:

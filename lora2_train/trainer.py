@@ -115,8 +115,8 @@ class Trainer:
         cls = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
         groups = self.network.param_groups()
         groups[0]["weight_decay"] = c.weight_decay
-        # foreach=False: parameter shapes change at every re-allocation
-        return cls(groups, lr=c.lr, foreach=False)
+        # foreach: one fused call per group instead of a Python loop over ~1,700 small tensors
+        return cls(groups, lr=c.lr, foreach=True)
 
     # ---- checkpoints -------------------------------------------------------------------------
     @property

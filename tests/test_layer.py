@@ -153,3 +153,10 @@ def test_nu_gets_gradient_through_lambda():
     assert layer.rho.grad is not None and layer.rho.grad.abs() > 0
     assert layer.lora_down.grad is not None and layer.lora_up.grad is not None
     assert base.weight.grad is None
+
+
+def test_set_rank_sets_nu_and_allocation():
+    layer = make(nn.Linear(64, 64), r_init=8, r_max=48, block=4)
+    for r in (4, 13, 48):
+        layer.set_rank(r)
+        assert layer.rank == r and layer.effective_rank() == r

@@ -125,3 +125,32 @@ def test_param_groups_and_reg_loss(tiny_koala):
     assert float(weight_term) > 0
     rank_term.backward()
     assert all(l.rho.grad is not None for l in net.layers.values())
+
+
+def test_vectorized_lambda_matches_per_layer_and_never_goes_stale(tiny_koala):
+    net = LoRA2Network(cfg(r_init=8), tiny_koala).apply_to()
+    try:
+        with torch.no_grad():
+            for i, l in enumerate(net.layers.values()):
+                l.set_rank(4 + 4 * (i % 3))
+                l.lora_up.normal_(std=0.1)
+        x = unet_inputs(tiny_koala)
+        cached = tiny_koala(*x)
+        assert all(l._lam_cache is not None for l in net.layers.values())
+        net.clear_lam()
+        layer = next(iter(net.layers.values()))
+        # per-layer path (no cache) gives the same output
+        for l in net.layers.values():
+            l._lam_cache = None
+        uncached = torch.cat([l.lam().detach() for l in net.layers.values()])
+        net.refresh_lam()
+        assert torch.allclose(torch.cat([l._lam_cache.detach() for l in net.layers.values()]), uncached, atol=1e-6)
+        with torch.no_grad():
+            layer.rho.add_(1.0)  # an optimizer step changes ρ in place: the cache must not be used
+        fresh = layer.lam()
+        lin = nn_input = torch.randn(2, layer.in_dim)
+        expected = layer._base_forward(lin) + layer.scale * (lin @ layer.lora_down.T) @ (layer.lora_up * fresh).T
+        assert torch.allclose(layer.base(nn_input), expected, atol=1e-5)
+        assert torch.isfinite(cached).all()
+    finally:
+        net.restore()

@@ -96,3 +96,15 @@ def test_round_rank():
     assert rank.round_rank(8, 4, 512) == 8
     assert rank.round_rank(511, 4, 10) == 10
     assert rank.round_rank(3, 1, 512) == 3
+
+
+def test_lam_ragged_equals_per_component_lam():
+    nu = torch.tensor([0.05, 0.3, 1.2], dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor([8.0, 3.0, 1.0], dtype=torch.float64)
+    ranks = [8, 3, 1]
+    flat = rank.lam_ragged(nu, ranks, scale)
+    parts = torch.split(flat, ranks)
+    for i, r in enumerate(ranks):
+        assert torch.allclose(parts[i], rank.lam(nu[i], r, scale=scale[i]), rtol=1e-12)
+    flat.sum().backward()
+    assert nu.grad is not None
