@@ -50,3 +50,29 @@ def test_cli_help_and_one_line_errors(tmp_path):
     assert r.stderr.strip().count("\n") == 0
     assert "summary.json" in r.stderr and "--overwrite" in r.stderr
     assert (tmp_path / "summary.json").read_text() == "{}"
+
+
+def test_visualize_node_returns_a_comfy_image(tmp_path, monkeypatch):
+    import torch
+
+    from lora2_train.format import Adapter, LoRAModule, save_adapter
+
+    ad = Adapter({f"lora_unet_input_blocks_4_1_transformer_blocks_0_attn{a}_to_{p}":
+                  LoRAModule(torch.zeros(r, 8), torch.zeros(8, r), float(r))
+                  for a, r in ((1, 4), (2, 12)) for p in ("q", "k")})
+    save_adapter(ad, tmp_path / "a.safetensors")
+    spec = importlib.util.spec_from_file_location("lora2_pack", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["lora2_pack"] = mod
+    try:
+        spec.loader.exec_module(mod)
+        pack = sys.modules["lora2_pack.nodes._pack"]
+        monkeypatch.setattr(pack, "lora_path", lambda name: str(tmp_path / name))
+        node = mod.NODE_CLASS_MAPPINGS["LoRA2VisualizeRanks"]()
+        (image,) = node.visualize("a.safetensors", compare_with="a.safetensors")
+        assert image.dim() == 4 and image.shape[0] == 1 and image.shape[-1] == 3
+        assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+    finally:
+        for name in [m for m in sys.modules if m.startswith("lora2_pack")]:
+            sys.modules.pop(name)
