@@ -31,8 +31,9 @@ from lora2_train.planted import (RandomConditioning, make_teacher, plan_ranks, s
                                  target_modules)
 from lora2_train.trainer import Trainer
 
-FULL = dict(width=32, depth=(0, 1, 1), middle=-1, latent=8, batch=8, steps=300, ranks=(4, 8, 16, 32, 64, 128))
-QUICK = dict(width=16, depth=(0, 1, 1), middle=-1, latent=8, batch=2, steps=6, ranks=(4, 16))
+FULL = dict(width=32, depth=(0, 1, 1), middle=-1, latent=8, batch=8, steps=300, sharpen=3.0,
+            ranks=(4, 8, 16, 32, 64, 128))
+QUICK = dict(width=16, depth=(0, 1, 1), middle=-1, latent=8, batch=2, steps=6, sharpen=3.0, ranks=(4, 16))
 
 #: LoRA² hyperparameters chosen on this benchmark (README: "Choosing λ_r, β")
 LORA2 = dict(r_init=8, r_target=4, r_max=128, lr=2e-3, nu_lr=3e-2, lambda_r=1e-3, beta=1.0, resize_every=10)
@@ -42,7 +43,7 @@ def build(opts, seed=0):
     torch.manual_seed(seed)
     ucfg = reduced(sdxl_config(), model_channels=opts["width"], context_dim=2 * opts["width"],
                    head_channels=opts["width"] // 2, depth=opts["depth"], middle=opts["middle"])
-    unet = sharpen_attention(SDXLUNet(ucfg).requires_grad_(False), 3.0)
+    unet = sharpen_attention(SDXLUNet(ucfg).requires_grad_(False), opts["sharpen"])
     plan = plan_ranks(target_modules(unet), seed=seed)
     teacher = make_teacher(unet, plan, strength=3.0, seed=seed)
     data = RandomConditioning(4, opts["latent"], ucfg.context_dim, ucfg.adm_in_channels, tokens=16)
