@@ -24,7 +24,7 @@ OUTPUTS = ("lora2_demo.safetensors", "ranks.png", "rank_history.json", "summary.
 
 #: the demo's model: SDXL block structure (70 transformer blocks) at width 32
 DEMO_UNET = dict(model_channels=32, context_dim=64, head_channels=16)
-DEMO_CONFIG = dict(r_init=8, r_target=4, r_max=64, lr=1e-2, nu_lr=3e-2, lambda_r=1e-3, beta=0.0,
+DEMO_CONFIG = dict(r_init=8, r_target=4, r_max=64, lr=2e-3, nu_lr=3e-2, lambda_r=1e-3, beta=1.0,
                    steps=120, resize_every=10, batch_size=2, checkpoint_every=50, seed=0)
 
 
