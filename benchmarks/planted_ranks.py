@@ -54,8 +54,7 @@ def probe_mse(unet, teacher, data, n=32):
     """Held-out teacher mismatch: mean ‖student − teacher‖² on a fixed probe set."""
     g = torch.Generator().manual_seed(12345)
     b = data.sample(n, g)
-    t = torch.randint(0, 1000, (n,), generator=g)
-    x = DDPMSchedule().add_noise(b["latents"], torch.randn(b["latents"].shape, generator=g), t)
+    x, t, _ = DDPMSchedule().noisy(b["latents"], g)
     with torch.no_grad():
         return float(mse_loss(unet(x, t, **b["cond"]), teacher(x, t, **b["cond"])))
 
@@ -80,9 +79,7 @@ def train_fixed(opts, rank):
     sched, g = DDPMSchedule(), torch.Generator().manual_seed(0)
     for _ in range(opts["steps"]):
         b = data.sample(opts["batch"], g)
-        noise = torch.randn(b["latents"].shape, generator=g)
-        t = sched.sample_timesteps(opts["batch"], g)
-        x = sched.add_noise(b["latents"], noise, t)
+        x, t, _ = sched.noisy(b["latents"], g)
         with torch.no_grad():
             target = teacher(x, t, **b["cond"])
         loss = mse_loss(unet(x, t, **b["cond"]), target)

@@ -103,9 +103,7 @@ def main():
 
     def one_step(name):
         st, net = state[name], arms[name]
-        t = torch.randint(0, 1000, (args.batch,), generator=g).to(dev)
-        noise = torch.randn(x0.shape, generator=g).to(dev)
-        xt = schedule.add_noise(x0, noise, t)
+        xt, t, noise = schedule.noisy(x0, g)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.full and dev.type == "cuda"):
             loss = mse_loss(unet(xt.to(next(unet.parameters()).dtype), t, **{k: v.to(xt.dtype) for k, v in cond.items()}), noise)
         if name == "lora2":

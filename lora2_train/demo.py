@@ -50,7 +50,6 @@ def run_demo(out_dir: str | Path = "lora2_demo", steps: int | None = None, overw
     save_adapter(adapter, out / OUTPUTS[0], dtype="fp16", overwrite=overwrite)
     from .plot import rank_chart
     buf = io.BytesIO()
-    import matplotlib.pyplot as plt  # noqa: F401  (rank_chart selects the Agg backend)
     image = rank_chart([result.ranks], ["demo"], history=result.history, title="LoRA² demo: learned ranks")
     from PIL import Image
     Image.fromarray(image).save(buf, format="PNG")

@@ -29,6 +29,11 @@ TARGET_PATTERNS = {
     "te_mlp": r"mlp\.(fc1|fc2)$",
 }
 UNET_GROUPS = ("attn1", "attn2", "ff", "proj", "resnet")
+
+
+def target_pattern(groups: Iterable[str]) -> re.Pattern:
+    """One regex matching '.' + module path for any of the target groups."""
+    return re.compile("|".join(f"(?:{TARGET_PATTERNS[g]})" for g in groups))
 TE_GROUPS = ("te_attn", "te_mlp")
 
 
@@ -58,7 +63,7 @@ class LoRA2Network(nn.Module):
         if not groups:
             return
         self._roots.append(root)
-        pattern = re.compile("|".join(f"(?:{TARGET_PATTERNS[g]})" for g in groups))
+        pattern = target_pattern(groups)
         translate = _path_translator(root) if prefix == naming.UNET_PREFIX else naming.text_encoder_path
         c = self.config
         for path, module in root.named_modules():

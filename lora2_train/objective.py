@@ -31,6 +31,12 @@ class DDPMSchedule:
         a = self.alphas_cumprod.to(x0.device)[t].view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
+    def noisy(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draw ε ~ N(0, I) and t ~ U{0…T−1} from `generator`; return (x_t, t, ε)."""
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+        t = self.sample_timesteps(x0.shape[0], generator, x0.device)
+        return self.add_noise(x0, noise, t), t, noise
+
 
 def mse_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """L_MSE = mean ‖ε_θ(x_t, t, c) − ε‖² (in float32)."""

@@ -13,15 +13,14 @@ import torch
 import torch.nn as nn
 
 from . import naming
-from .network import TARGET_PATTERNS
+from .network import target_pattern
 
 PLANTED_LEVELS = (0, 2, 4, 8, 16, 32, 64)
 
 
 def target_modules(unet: nn.Module, groups=("attn1", "attn2")) -> dict[str, nn.Linear]:
     """kohya key → module for the target groups (ldm UNet paths)."""
-    import re
-    pattern = re.compile("|".join(f"(?:{TARGET_PATTERNS[g]})" for g in groups))
+    pattern = target_pattern(groups)
     return {naming.kohya_key(p): m for p, m in unet.named_modules()
             if isinstance(m, nn.Linear) and pattern.search("." + p)}
 

@@ -169,9 +169,8 @@ class Trainer:
         b = self.dataset.sample(self.config.batch_size, self.generator)
         x0 = b["latents"].to(self.device)
         cond = {k: v.to(self.device) for k, v in b["cond"].items()}
-        noise = torch.randn(x0.shape, generator=self.generator).to(self.device, x0.dtype)
-        t = self.schedule.sample_timesteps(x0.shape[0], self.generator, self.device)
-        return self.schedule.add_noise(x0, noise, t), t, cond, noise
+        x_t, t, noise = self.schedule.noisy(x0, self.generator)
+        return x_t, t, cond, noise
 
     def _losses(self):
         c = self.config

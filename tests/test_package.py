@@ -4,25 +4,34 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_pack_imports_outside_comfyui_as_a_package():
+@pytest.fixture
+def pack():
+    """The repository loaded as a package, the way ComfyUI loads a custom node folder."""
     spec = importlib.util.spec_from_file_location("lora2_pack", ROOT / "__init__.py",
                                                   submodule_search_locations=[str(ROOT)])
     mod = importlib.util.module_from_spec(spec)
     sys.modules["lora2_pack"] = mod
     try:
         spec.loader.exec_module(mod)
-        assert mod.WEB_DIRECTORY == "./web"
-        assert set(mod.NODE_CLASS_MAPPINGS) == set(mod.NODE_DISPLAY_NAME_MAPPINGS)
-        for cls in mod.NODE_CLASS_MAPPINGS.values():
-            inputs = cls.INPUT_TYPES()
-            assert "required" in inputs
-            assert isinstance(cls.RETURN_TYPES, tuple) and hasattr(cls, cls.FUNCTION)
-            assert cls.CATEGORY == "LoRA²"
+        yield mod
     finally:
-        sys.modules.pop("lora2_pack", None)
+        for name in [m for m in sys.modules if m.startswith("lora2_pack")]:
+            sys.modules.pop(name)
+
+
+def test_pack_imports_outside_comfyui_as_a_package(pack):
+    assert pack.WEB_DIRECTORY == "./web"
+    assert set(pack.NODE_CLASS_MAPPINGS) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
+    for cls in pack.NODE_CLASS_MAPPINGS.values():
+        inputs = cls.INPUT_TYPES()
+        assert "required" in inputs
+        assert isinstance(cls.RETURN_TYPES, tuple) and hasattr(cls, cls.FUNCTION)
+        assert cls.CATEGORY == "LoRA²"
 
 
 def test_library_never_imports_comfyui():
@@ -52,7 +61,7 @@ def test_cli_help_and_one_line_errors(tmp_path):
     assert (tmp_path / "summary.json").read_text() == "{}"
 
 
-def test_visualize_node_returns_a_comfy_image(tmp_path, monkeypatch):
+def test_visualize_node_returns_a_comfy_image(tmp_path, monkeypatch, pack):
     import torch
 
     from lora2_train.format import Adapter, LoRAModule, save_adapter
@@ -61,18 +70,8 @@ def test_visualize_node_returns_a_comfy_image(tmp_path, monkeypatch):
                   LoRAModule(torch.zeros(r, 8), torch.zeros(8, r), float(r))
                   for a, r in ((1, 4), (2, 12)) for p in ("q", "k")})
     save_adapter(ad, tmp_path / "a.safetensors")
-    spec = importlib.util.spec_from_file_location("lora2_pack", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["lora2_pack"] = mod
-    try:
-        spec.loader.exec_module(mod)
-        pack = sys.modules["lora2_pack.nodes._pack"]
-        monkeypatch.setattr(pack, "lora_path", lambda name: str(tmp_path / name))
-        node = mod.NODE_CLASS_MAPPINGS["LoRA2VisualizeRanks"]()
-        (image,) = node.visualize("a.safetensors", compare_with="a.safetensors")
-        assert image.dim() == 4 and image.shape[0] == 1 and image.shape[-1] == 3
-        assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
-    finally:
-        for name in [m for m in sys.modules if m.startswith("lora2_pack")]:
-            sys.modules.pop(name)
+    monkeypatch.setattr(sys.modules["lora2_pack.nodes._pack"], "lora_path", lambda name: str(tmp_path / name))
+    node = pack.NODE_CLASS_MAPPINGS["LoRA2VisualizeRanks"]()
+    (image,) = node.visualize("a.safetensors", compare_with="a.safetensors")
+    assert image.dim() == 4 and image.shape[0] == 1 and image.shape[-1] == 3
+    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
