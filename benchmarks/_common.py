@@ -45,6 +45,11 @@ class FixedLoRANetwork(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def apply_to(self):
+        for l in self.layers.values():
+            l.base[0].forward = l.forward
+        return self
+
     def restore(self):
         for l in self.layers.values():
             l.restore()

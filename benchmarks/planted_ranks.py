@@ -123,7 +123,7 @@ def main():
     for r in opts["ranks"]:
         fixed[r] = train_fixed(opts, r)
         print(f"fixed rank {r}: params={fixed[r]['params']} mse={fixed[r]['mse']:.5f}", flush=True)
-    _, _, plan, _ = build(opts)
+    plan = lora2["plan"]
     equal = fixed_params_at_mse(fixed, lora2["mse"])
     largest = fixed[max(fixed)]
     dominated = any(v["params"] <= lora2["params"] and v["mse"] < lora2["mse"] for v in fixed.values())

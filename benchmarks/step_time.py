@@ -91,12 +91,7 @@ def main():
         state[name] = {"opt": torch.optim.Adam(params, lr=1e-4, foreach=True), "times": [], "step": 0}
 
     def attach(name):
-        net = arms[name]
-        for l in net.layers.values():
-            if name == "lora2":
-                l.apply_to()
-            else:
-                l.base[0].forward = l.forward
+        arms[name].apply_to()  # LoRA²: also the per-call vectorized Λ hook on the UNet
 
     def detach(name):
         arms[name].restore()

@@ -29,12 +29,12 @@ TARGET_PATTERNS = {
     "te_mlp": r"mlp\.(fc1|fc2)$",
 }
 UNET_GROUPS = ("attn1", "attn2", "ff", "proj", "resnet")
+TE_GROUPS = ("te_attn", "te_mlp")
 
 
 def target_pattern(groups: Iterable[str]) -> re.Pattern:
     """One regex matching '.' + module path for any of the target groups."""
     return re.compile("|".join(f"(?:{TARGET_PATTERNS[g]})" for g in groups))
-TE_GROUPS = ("te_attn", "te_mlp")
 
 
 class LoRA2Network(nn.Module):
