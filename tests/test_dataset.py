@@ -1,0 +1,112 @@
+import pytest
+import torch
+from PIL import Image
+
+from lora2_train.dataset import DatasetError, from_images, load_folder, resize_center_crop, stack
+
+
+def _png(path, w, h, color=(255, 0, 0), mode="RGB"):
+    Image.new(mode, (w, h), color).save(path)
+
+
+def test_folder_captions_fallback_and_order(tmp_path):
+    _png(tmp_path / "b.png", 40, 20, (0, 255, 0))
+    _png(tmp_path / "a.jpg", 20, 40, (255, 0, 0))
+    _png(tmp_path / "c.webp", 16, 16, (0, 0, 255))
+    (tmp_path / "a.txt").write_text("  a red\n square  \n")
+    (tmp_path / "c.txt").write_text("   \n")  # empty caption file: instance prompt
+    (tmp_path / "notes.md").write_text("ignored")
+    (tmp_path / ".hidden.png").write_bytes(b"not an image")
+    ex = load_folder(tmp_path, 16, instance_prompt="photo of sks")
+    assert [e.source.rsplit("/", 1)[-1] for e in ex] == ["a.jpg", "b.png", "c.webp"]
+    assert [e.caption for e in ex] == ["a red square", "photo of sks", "photo of sks"]
+    for e in ex:
+        assert e.image.shape == (3, 16, 16) and e.image.dtype == torch.float32
+        assert 0.0 <= float(e.image.min()) and float(e.image.max()) <= 1.0
+    assert torch.allclose(ex[1].image[1], torch.ones(16, 16), atol=1e-6)  # green channel of b.png
+    assert float(ex[1].image[0].max()) < 1e-6
+    batch = stack(ex)
+    assert batch.shape == (3, 16, 16, 3)
+
+
+def test_resize_center_crop_keeps_the_center(tmp_path):
+    img = torch.zeros(3, 20, 60)
+    img[:, :, 20:40] = 1.0  # white middle third of a wide image
+    out = resize_center_crop(img, 10)
+    assert out.shape == (3, 10, 10)
+    # only the white middle survives the crop (antialiasing softens the outermost columns a little)
+    assert torch.allclose(out[:, :, 1:-1], torch.ones(3, 10, 8), atol=1e-5)
+    assert float(out.min()) > 0.8
+    tall = resize_center_crop(torch.rand(3, 50, 10), (8, 8))
+    assert tall.shape == (3, 8, 8)
+    up = resize_center_crop(torch.rand(3, 4, 6), 12)  # upscaling works too
+    assert up.shape == (3, 12, 12)
+
+
+def test_palette_alpha_and_grey_images_become_rgb(tmp_path):
+    _png(tmp_path / "p.png", 12, 12, 3, mode="P")
+    _png(tmp_path / "a.png", 12, 12, (10, 20, 30, 0), mode="RGBA")
+    _png(tmp_path / "g.png", 12, 12, 128, mode="L")
+    ex = load_folder(tmp_path, 12)
+    assert all(e.image.shape == (3, 12, 12) for e in ex)
+    g = ex[1].image
+    assert torch.allclose(g, torch.full_like(g, 128 / 255), atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["missing", "file", "empty", "blank"])
+def test_folder_errors_are_one_line_and_name_the_folder(tmp_path, case):
+    target = tmp_path / "data"
+    if case == "file":
+        target.write_text("x")
+    elif case == "empty":
+        target.mkdir()
+        (target / "readme.txt").write_text("no images here")
+    with pytest.raises(DatasetError) as ei:
+        load_folder("" if case == "blank" else target, 32)
+    msg = str(ei.value)
+    assert "\n" not in msg
+    if case != "blank":
+        assert str(target) in msg
+    assert {"missing": "does not exist", "file": "not a folder", "empty": "no images",
+            "blank": "folder"}[case] in msg
+
+
+def test_unreadable_image_is_named(tmp_path):
+    _png(tmp_path / "good.png", 8, 8)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(DatasetError) as ei:
+        load_folder(tmp_path, 8)
+    assert str(tmp_path / "broken.png") in str(ei.value) and "unreadable image" in str(ei.value)
+    assert "\n" not in str(ei.value)
+
+
+def test_bad_resolution(tmp_path):
+    _png(tmp_path / "a.png", 8, 8)
+    with pytest.raises(DatasetError, match="resolution"):
+        load_folder(tmp_path, 4)
+    with pytest.raises(DatasetError, match="resolution"):
+        load_folder(tmp_path, "big")
+
+
+def test_image_batch_with_captions():
+    imgs = torch.rand(3, 24, 32, 3)  # ComfyUI IMAGE layout
+    ex = from_images(imgs, "one\n\ntwo\nthree", 16, instance_prompt="sks")
+    assert [e.caption for e in ex] == ["one", "two", "three"]
+    assert all(e.image.shape == (3, 16, 16) for e in ex)
+    assert [e.source for e in ex] == ["batch[0]", "batch[1]", "batch[2]"]
+    same = from_images(imgs, "a  photo\nof sks", 16)  # line count != batch size: one caption for all
+    assert [e.caption for e in same] == ["a photo of sks"] * 3
+    fallback = from_images(imgs, "", 16, instance_prompt="photo of sks")
+    assert {e.caption for e in fallback} == {"photo of sks"}
+    chw = from_images(imgs.permute(0, 3, 1, 2), "x")  # channels-first, no resize
+    assert chw[0].image.shape == (3, 24, 32)
+    assert torch.equal(chw[0].image, imgs[0].permute(2, 0, 1))
+
+
+def test_image_batch_errors():
+    with pytest.raises(DatasetError, match="channels"):
+        from_images(torch.rand(2, 8, 8, 7))
+    with pytest.raises(DatasetError, match="no image"):
+        from_images(torch.rand(0, 8, 8, 3))
+    with pytest.raises(DatasetError, match="tensor"):
+        from_images([[1, 2]])
