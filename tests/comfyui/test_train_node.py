@@ -1,0 +1,27 @@
+"""Train LoRA² node, embedded backend, run inside a real ComfyUI import (own process, no server)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).with_name("train_node_inprocess.py")
+
+
+def test_embedded_training_on_a_comfyui_unet(comfyui_dir, tmp_path):
+    r = subprocess.run([sys.executable, str(SCRIPT), str(comfyui_dir), str(tmp_path)], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    f = json.loads(r.stdout.strip().splitlines()[-1])
+    assert f["schedule_matches"], "trainer noise schedule differs from ComfyUI's EPS model sampling"
+    # the cached base model: same bytes, still ComfyUI's own (inference) tensors, flags as before
+    assert f["weights_identical"] and f["inference_before"] and f["inference_after"]
+    assert f["requires_grad_after"]
+    # the saved adapter: one module per attention projection, every key known to ComfyUI's LoRA loader
+    assert f["num_modules"] == 56 and f["unmapped"] == []
+    assert f["patched_keys"] == 56 and f["base_patches"] == 0
+    assert all(r in (4, 8) for r in f["ranks"].values())
+    assert f["metadata_steps"] == "3" and f["history_steps"] == [1, 2, 3] and f["history_losses_finite"]
+    # Cancel: interrupt raised (flag consumed), partial adapter + resumable checkpoint kept, no final file
+    assert f["interrupted"] and f["flag_cleared"]
+    assert f["partial_exists"] and f["partial_meta"] == "true" and f["final_absent"]
+    assert f["checkpoint_step"] == 2

@@ -1,0 +1,141 @@
+"""Runs the Train LoRA² node's embedded training inside a ComfyUI import (no server), in its own process.
+
+usage: python train_node_inprocess.py COMFYUI_DIR WORK_DIR
+Builds a small random SDXL-architecture ComfyUI model under inference mode (as ComfyUI's checkpoint loader
+does), trains 3 steps, cancels a second run after 2 of 5 steps, and prints one JSON line of findings.
+"""
+import hashlib
+import json
+import os
+import sys
+
+comfy_dir, work = sys.argv[1], sys.argv[2]
+sys.argv = [sys.argv[0], "--cpu"]
+sys.path.insert(0, comfy_dir)
+import comfy.options  # noqa: E402
+
+comfy.options.enable_args_parsing()
+import importlib.util  # noqa: E402
+
+import torch  # noqa: E402
+
+import comfy.model_management as mm  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.supported_models  # noqa: E402
+import folder_paths  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+loras = os.path.join(work, "loras")
+os.makedirs(loras, exist_ok=True)
+folder_paths.folder_names_and_paths["loras"] = ([loras], {".safetensors"})
+folder_paths.set_output_directory(os.path.join(work, "output"))
+
+spec = importlib.util.spec_from_file_location("lora2_pack", os.path.join(ROOT, "__init__.py"),
+                                              submodule_search_locations=[ROOT])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["lora2_pack"] = pack
+spec.loader.exec_module(pack)
+train_mod = sys.modules["lora2_pack.nodes.train"]
+
+from lora2_train.config import LoRA2Config  # noqa: E402
+from lora2_train.format import load_adapter, output_path  # noqa: E402
+
+UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "dtype": torch.float32,
+        "in_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1, 1], "transformer_depth": [0, 1, 1],
+        "channel_mult": [1, 2, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": True,
+        "context_dim": 2048, "num_head_channels": 16, "transformer_depth_output": [0, 0, 1, 1, 1, 1],
+        "use_temporal_attention": False, "use_temporal_resblock": False}
+
+torch.manual_seed(0)
+with torch.inference_mode():  # ComfyUI executes every node, checkpoint loading included, in inference mode
+    base = comfy.supported_models.SDXL(UNET).get_model({})
+    for p in base.diffusion_model.parameters():
+        p.normal_(0, 0.02)
+    patcher = comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"),
+                                               offload_device=torch.device("cpu"))
+    pooled = torch.randn(1, 1280)
+    y = base.encode_adm(pooled_output=pooled, width=64, height=64, crop_w=0, crop_h=0, target_width=64,
+                        target_height=64)
+    data = [{"latents": torch.randn(4, 8, 8), "cond": {"context": torch.randn(77, 2048), "y": y[0]}}
+            for _ in range(2)]
+
+
+def digest(module):
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# the trainer's DDPM x_t at timestep t is exactly what ComfyUI's EPS sampling feeds the UNet at σ_t
+schedule = train_mod._schedule_of(base)
+x0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+t = torch.tensor([0, 500, 999])
+sigma = base.model_sampling.sigmas[t]
+comfy_in = base.model_sampling.calculate_input(sigma, x0 + eps * sigma.view(-1, 1, 1, 1))
+schedule_matches = bool(torch.allclose(schedule.add_noise(x0, eps, t), comfy_in, atol=1e-5)
+                        and torch.equal(base.model_sampling.timestep(sigma).long(), t))
+
+before = digest(base)
+inference_before = all(p.is_inference() for p in base.diffusion_model.parameters())
+node = train_mod.TrainLoRA2()
+config = LoRA2Config(r_init=4, r_target=4, r_max=8, steps=3, resize_every=2, lr=1e-3, checkpoint_every=3)
+out = output_path(loras, "inproc")
+run = train_mod._Run("7", config.steps)
+train_mod._load_for_training(patcher)
+with torch.inference_mode(False), torch.enable_grad():
+    adapter, history = node._run_trainer(base, base.diffusion_model, data, config, out, torch.device("cpu"), "",
+                                         run)
+after = digest(base)
+saved = load_adapter(out)
+model2, _ = sys.modules["lora2_pack.nodes._comfy"].apply_adapter(patcher, None, saved)
+import comfy.lora  # noqa: E402
+
+key_map = comfy.lora.model_lora_keys_unet(base, {})
+unmapped = [k for k in saved.modules if k not in key_map]
+
+# cancel path: the Cancel button sets ComfyUI's interrupt flag while training runs
+config2 = LoRA2Config(r_init=4, r_target=4, r_max=8, steps=5, resize_every=2, lr=1e-3)
+out2 = output_path(loras, "inproc_cancel")
+
+
+class Cancel(train_mod._Run):
+    def step(self, ev):
+        super().step(ev)
+        if ev.step == 2:
+            mm.interrupt_current_processing(True)
+
+
+interrupted = False
+with torch.inference_mode(False), torch.enable_grad():
+    try:
+        node._run_trainer(base, base.diffusion_model, data, config2, out2, torch.device("cpu"), "",
+                          Cancel("8", config2.steps))
+    except mm.InterruptProcessingException:
+        interrupted = True
+partial = output_path(loras, "inproc_cancel_step2")
+ckpt = os.path.join(work, "output", "lora2_checkpoints", "inproc_cancel", "checkpoint.pt")
+state = torch.load(ckpt, weights_only=True)
+print(json.dumps({
+    "schedule_matches": schedule_matches,
+    "weights_identical": before == after == digest(base),
+    "inference_before": inference_before,
+    "inference_after": all(p.is_inference() for p in base.diffusion_model.parameters()),
+    "requires_grad_after": any(p.requires_grad for p in base.diffusion_model.parameters()),
+    "ranks": saved.ranks(),
+    "num_modules": len(saved.modules),
+    "unmapped": unmapped,
+    "patched_keys": len(model2.patches),
+    "base_patches": len(patcher.patches),
+    "history_steps": [h["step"] for h in history],
+    "history_losses_finite": all(h["loss"] == h["loss"] for h in history),
+    "metadata_steps": saved.metadata.get("lora2_steps"),
+    "interrupted": interrupted,
+    "flag_cleared": not mm.processing_interrupted(),
+    "partial_exists": partial.exists(),
+    "partial_meta": load_adapter(partial).metadata.get("lora2_interrupted") if partial.exists() else None,
+    "final_absent": not out2.exists(),
+    "checkpoint_step": int(state["step"]),
+}))
