@@ -167,16 +167,22 @@ class AdaptiveLoRA(nn.Module):
 
     # ---- grow / shrink -----------------------------------------------------------------------
     @torch.no_grad()
-    def resize(self, new_rank: int, optimizer: torch.optim.Optimizer | None = None) -> bool:
+    def resize(self, new_rank: int, optimizer: torch.optim.Optimizer | None = None, in_place: bool = False) -> bool:
         """Re-allocate A and B at `new_rank` positions (spec §2).
 
         grow: new rows of A get a fresh init and new columns of B are zero;
         shrink: the tail (least important) positions are dropped.  The kept
         columns of B are multiplied by Σ_new/Σ_old (Σ_D = 1 − e^{−νD}, the
         renormalization of Λ), so every surviving position contributes exactly
-        what it did before: growing leaves ΔW unchanged.  The same Parameter
-        objects are kept; optimizer state of surviving positions is carried,
-        new positions start at zero state.  Returns True if the rank changed.
+        what it did before: growing leaves ΔW unchanged.  Optimizer state of
+        surviving positions is carried, new positions start at zero state.
+        By default new Parameter objects replace the old ones in the module and
+        the optimizer's groups; ``in_place=True`` keeps the same Parameter
+        objects and swaps their ``.data`` (and the optimizer state tensors) for
+        trainers that hold on to the parameters, e.g. sd-scripts, whose
+        optimizer, scheduler and gradient clipping are set up once.  In-place
+        resizing must happen between steps (after ``optimizer.step()``, before
+        the next forward).  Returns True if the rank changed.
         """
         new_rank = int(min(max(new_rank, self.r_min), self.r_max))
         old = self.rank
@@ -195,37 +201,70 @@ class AdaptiveLoRA(nn.Module):
         else:
             new_down = down[:keep].clone()
             new_up = (up[:, :keep] * ratio).clone()
-        self._resize_param("lora_down", new_down, 0, keep, optimizer)
-        self._resize_param("lora_up", new_up, 1, keep, optimizer)
+        self._resize_param("lora_down", new_down, 0, keep, optimizer, in_place)
+        self._resize_param("lora_up", new_up, 1, keep, optimizer, in_place)
+        self._lam_cache = None
         return True
 
-    def _resize_param(self, name: str, new: torch.Tensor, dim: int, keep: int, optimizer) -> None:
-        """Swap in a new Parameter of the new shape, in the module and in the optimizer, carrying state.
+    def _resize_param(self, name: str, new: torch.Tensor, dim: int, keep: int, optimizer,
+                      in_place: bool = False) -> None:
+        """Re-allocate one parameter at its new shape, in the module and in the optimizer, carrying state.
 
-        A fresh Parameter (rather than ``p.data = …``) keeps autograd sound while an
-        old graph still references the previous one.
+        Default: a fresh Parameter (rather than ``p.data = …``) keeps autograd sound while an
+        old graph still references the previous one.  ``in_place``: the same Parameter gets the
+        new ``.data`` and its gradient is dropped; the optimizer's state tensors are replaced.
         """
         old = getattr(self, name)
-        param = nn.Parameter(new, requires_grad=old.requires_grad)
-        setattr(self, name, param)
         opt = getattr(optimizer, "optimizer", optimizer)  # accelerate / wrappers expose .optimizer
+        state = opt.state.get(old) if opt is not None else None
+        carried = self._carry_state(state, old.shape, new, dim, keep, opt) if state else None
+        if in_place:
+            # set_data keeps the autograd accumulator (and its cached shape) unless the dtype changes;
+            # an old graph still alive (the last loss) would hand it to the next forward: pass through
+            # another dtype first so the next forward gets a fresh accumulator of the new shape
+            old.data = torch.empty(0, dtype=torch.float64 if new.dtype != torch.float64 else torch.float32,
+                                   device=new.device)
+            old.data = new
+            old.grad = None
+            param = old
+        else:
+            param = nn.Parameter(new, requires_grad=old.requires_grad)
+            setattr(self, name, param)
         if opt is None:
             return
-        for group in opt.param_groups:
-            group["params"] = [param if p is old else p for p in group["params"]]
-        state = opt.state.pop(old, None)
-        if not state:
-            return
-        for k, v in list(state.items()):
-            if isinstance(v, torch.Tensor) and v.shape == old.shape:
-                fresh = torch.zeros_like(new, dtype=v.dtype)
+        if not in_place:
+            for group in opt.param_groups:
+                group["params"] = [param if p is old else p for p in group["params"]]
+            opt.state.pop(old, None)
+        if carried is not None:
+            state.clear()
+            state.update(carried)
+            opt.state[param] = state
+
+    def _carry_state(self, state: dict, old_shape, new: torch.Tensor, dim: int, keep: int, opt) -> dict:
+        """Optimizer state at the new shape: surviving positions copied, new positions zero.
+
+        Only per-element float state (Adam/AdamW moments, SGD momentum, …) can be carried;
+        quantized 8-bit state (bitsandbytes AdamW8bit & co.: uint8 codes + block-wise absmax)
+        or factored state (Adafactor) is refused with a clear error before anything changes.
+        """
+        out = {}
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor) and v.shape == old_shape and v.dim() > 0:
+                if not v.is_floating_point():
+                    raise RuntimeError(
+                        f"{self.name}: optimizer {type(opt).__name__} keeps quantized state {k!r} ({v.dtype}); "
+                        f"LoRA² cannot resize 8-bit optimizer state: use a 32-bit optimizer such as AdamW")
+                fresh = torch.zeros(new.shape, dtype=v.dtype, device=v.device)
                 fresh.narrow(dim, 0, keep).copy_(v.narrow(dim, 0, keep))
-                state[k] = fresh
+                out[k] = fresh
             elif isinstance(v, torch.Tensor) and v.dim() > 0:
                 raise RuntimeError(
                     f"{self.name}: optimizer {type(opt).__name__} keeps state {k!r} of shape {tuple(v.shape)} that "
                     f"is not per-element; LoRA² can only resize optimizers with per-element state (Adam, AdamW, SGD)")
-        opt.state[param] = state
+            else:
+                out[k] = v
+        return out
 
     def extra_repr(self) -> str:
         return f"{self.name}: {self.kind} {self.in_dim}->{self.out_dim}, rank={self.rank}, r_max={self.r_max}"

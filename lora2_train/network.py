@@ -148,12 +148,15 @@ class LoRA2Network(nn.Module):
         return {k: float(l.nu().detach()) for k, l in self.layers.items()}
 
     @torch.no_grad()
-    def resize(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, tuple[int, int]]:
-        """Re-allocate every component at its current D(ν) (rounded to the block); returns changes."""
+    def resize(self, optimizer: torch.optim.Optimizer | None = None,
+               in_place: bool = False) -> dict[str, tuple[int, int]]:
+        """Re-allocate every component at its current D(ν) (rounded to the block); returns changes.
+
+        ``in_place`` keeps the Parameter objects (see :meth:`AdaptiveLoRA.resize`)."""
         changed = {}
         for k, layer in self.layers.items():
             old, new = layer.rank, layer.target_rank()
-            if layer.resize(new, optimizer):
+            if layer.resize(new, optimizer, in_place=in_place):
                 changed[k] = (old, new)
         return changed
 

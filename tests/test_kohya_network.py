@@ -1,0 +1,304 @@
+"""The sd-scripts network module (lora2_train.kohya.network) on an SDXL-layout UNet and two CLIP encoders."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import unet_inputs
+from lora2_train.config import ConfigError
+from lora2_train.format import AdapterFormatError, load_adapter
+from lora2_train.kohya import network as kn
+from tests_helpers import tiny_clip_text_model
+
+TE_TARGETS = "attn1,attn2,te_attn"
+
+
+@pytest.fixture
+def encoders():
+    return [tiny_clip_text_model(), tiny_clip_text_model(width=48)]
+
+
+def make(unet, tes, dim=8, **args):
+    args = {k: str(v) for k, v in args.items()}
+    net = kn.create_network(1.0, dim, 1, None, tes, unet, neuron_dropout=None, dropout=None, **args)
+    return net
+
+
+def loss_of(unet, net, seed=0):
+    x, t, ctx, y = unet_inputs(unet, batch=1, seed=seed)
+    return unet(x, t, ctx, y).square().mean() + net.reg_loss()[0]
+
+
+def test_create_network_keys_ranks_and_config(tiny_sdxl, encoders):
+    net = make(tiny_sdxl, encoders, dim=8, targets=TE_TARGETS, r_max=32, q="0.8", nu_lr="0.05")
+    try:
+        keys = list(net.layers)
+        assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in keys
+        assert "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_out_0" in keys
+        assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in keys
+        assert "lora_te2_text_model_encoder_layers_1_self_attn_out_proj" in keys
+        assert set(net.ranks().values()) == {8}
+        c = net.config
+        assert (c.r_init, c.r_target, c.r_max, c.q, c.nu_lr) == (8, 8, 32, 0.8, 0.05)
+    finally:
+        net.close()
+
+
+def test_network_args_errors(tiny_sdxl, encoders):
+    with pytest.raises(ConfigError, match="unknown key 'rank'"):
+        make(tiny_sdxl, encoders, rank=4)
+    with pytest.raises(ConfigError, match="r_max=.*not a valid int"):
+        make(tiny_sdxl, encoders, r_max="big")
+    with pytest.raises(ConfigError, match="dropout"):
+        kn.create_network(1.0, 8, 1, None, encoders, tiny_sdxl, dropout="0.1")
+    with pytest.raises(ConfigError, match="network_dropout"):
+        kn.create_network(1.0, 8, 1, None, encoders, tiny_sdxl, neuron_dropout=0.1)
+    with pytest.raises(ConfigError, match="two text encoders"):
+        make(tiny_sdxl, encoders[0], targets=TE_TARGETS)
+    with pytest.raises(ConfigError, match="targets"):
+        make(tiny_sdxl, encoders, targets="everything")
+
+
+def test_apply_to_patches_and_drops_untrained_parts(tiny_sdxl, encoders):
+    net = make(tiny_sdxl, encoders, targets=TE_TARGETS)
+    try:
+        x, t, ctx, y = unet_inputs(tiny_sdxl, batch=1)
+        before = tiny_sdxl(x, t, ctx, y)
+        net.apply_to(encoders, tiny_sdxl, apply_text_encoder=False, apply_unet=True)
+        assert net.layers and all(k.startswith("lora_unet_") for k in net.layers)
+        for layer in net.layers.values():
+            layer.lora_up.data.normal_()
+        after = tiny_sdxl(x, t, ctx, y)
+        assert not torch.allclose(before, after)
+        net.set_multiplier(0.0)
+        assert torch.allclose(before, tiny_sdxl(x, t, ctx, y))
+    finally:
+        net.close()
+    assert torch.allclose(before, tiny_sdxl(x, t, ctx, y))
+
+
+def test_optimizer_groups_with_te_lrs_and_nu_lr(tiny_sdxl, encoders):
+    net = make(tiny_sdxl, encoders, targets=TE_TARGETS, nu_lr="0.03")
+    try:
+        groups, desc = net.prepare_optimizer_params_with_multiple_te_lrs([1e-5, 2e-5], 1e-4, 1e-3)
+        assert desc == ["textencoder 1", "textencoder 2", "unet", "nu"]
+        assert [g["lr"] for g in groups] == [1e-5, 2e-5, 1e-4, 0.03]
+        assert groups[3]["weight_decay"] == 0.0 and all(p.dim() == 0 for p in groups[3]["params"])
+        n_params = sum(len(g["params"]) for g in groups)
+        assert n_params == len(list(net.parameters()))
+        # None → default lr; 0 → the part is frozen and left out (as sd-scripts does)
+        groups, desc = net.prepare_optimizer_params(0, None, 1e-3)
+        assert desc == ["unet", "nu"] and groups[0]["lr"] == 1e-3
+        net.prepare_grad_etc(encoders, tiny_sdxl)
+        frozen = [k for k, l in net.layers.items() if not l.lora_down.requires_grad]
+        assert frozen and all(k.startswith("lora_te") for k in frozen)
+        assert all(p.requires_grad for p in net.get_trainable_params())
+    finally:
+        net.close()
+
+
+class WrappedOptimizer:
+    """Stands for accelerate's AcceleratedOptimizer: the torch optimizer behind ``.optimizer``."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def step(self):
+        self.optimizer.step()
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def test_adamw_steps_resize_in_place_keeps_parameters(tiny_sdxl, encoders):
+    net = make(tiny_sdxl, encoders, dim=8, r_max=16, resize_every=2, rank_block=1)
+    try:
+        net.apply_to(encoders, tiny_sdxl)
+        groups, _ = net.prepare_optimizer_params_with_multiple_te_lrs(None, 1e-3, 1e-3)
+        opt = WrappedOptimizer(torch.optim.AdamW(groups, lr=1e-3))
+        keys = list(net.layers)
+        grow, shrink = net.layers[keys[0]], net.layers[keys[1]]
+        params_before = [id(p) for p in net.parameters()]
+        seen = []
+        net.step_listeners.append(lambda step, resized: seen.append((step, dict(resized))))
+        for step in range(3):
+            if step == 1:  # move ν so that D(ν) changes at the resize after step 2
+                grow.rho.data.fill_(grow._rho_for_rank(12))
+                shrink.rho.data.fill_(shrink._rho_for_rank(3))
+            opt.zero_grad()
+            loss = loss_of(tiny_sdxl, net, seed=step)
+            loss.backward()
+            opt.step()
+        assert net.optimizer is opt.optimizer and net.steps == 3
+        assert [s for s, _ in seen] == [1, 2, 3]
+        assert seen[1][1][keys[0]] == (8, grow.target_rank()) and grow.rank > 8
+        assert seen[1][1][keys[1]][0] == 8 and shrink.rank < 8
+        assert [id(p) for p in net.parameters()] == params_before
+        for g in opt.optimizer.param_groups:
+            for p in g["params"]:
+                st = opt.optimizer.state[p]
+                assert st["exp_avg"].shape == p.shape and st["exp_avg_sq"].shape == p.shape
+        assert torch.isfinite(loss_of(tiny_sdxl, net))
+    finally:
+        net.close()
+
+
+def test_in_place_resize_carries_state_of_surviving_positions(tiny_sdxl, encoders):
+    net = make(tiny_sdxl, encoders, dim=8, r_max=16, rank_block=1)
+    try:
+        net.apply_to(encoders, tiny_sdxl)
+        groups, _ = net.prepare_optimizer_params(None, 1e-3, 1e-3)
+        opt = torch.optim.AdamW(groups, lr=1e-3)
+        loss_of(tiny_sdxl, net).backward()
+        opt.step()
+        layer = next(iter(net.layers.values()))
+        down, up = layer.lora_down, layer.lora_up
+        m_down = opt.state[down]["exp_avg"].clone()
+        m_up = opt.state[up]["exp_avg_sq"].clone()
+        layer.rho.data.fill_(layer._rho_for_rank(5))
+        net.attach_optimizer(opt)
+        changed = net.resize(opt, in_place=True)
+        assert changed[layer.name] == (8, 5)
+        assert layer.lora_down is down and down.shape[0] == 5 and down.grad is None
+        assert torch.equal(opt.state[down]["exp_avg"], m_down[:5])
+        assert torch.equal(opt.state[up]["exp_avg_sq"], m_up[:, :5])
+        layer.rho.data.fill_(layer._rho_for_rank(10))
+        net.resize(opt, in_place=True)
+        assert torch.equal(opt.state[down]["exp_avg"][:5], m_down[:5])
+        assert opt.state[down]["exp_avg"][5:].abs().sum() == 0
+    finally:
+        net.close()
+
+
+def test_refuses_8bit_optimizer_state(tiny_sdxl, encoders):
+    net = make(tiny_sdxl, encoders, dim=4)
+    try:
+        groups, _ = net.prepare_optimizer_params(None, 1e-3, 1e-3)
+        opt = torch.optim.SGD(groups, lr=1e-3)
+        p = net.weight_parameters()[0]
+        opt.state[p] = {"state1": torch.zeros(p.shape, dtype=torch.uint8), "absmax1": torch.zeros(1)}
+        with pytest.raises(RuntimeError, match="8-bit.*AdamW"):
+            net.attach_optimizer(opt)
+    finally:
+        net.close()
+
+
+def test_gradient_checkpointing_computes_lam_per_component(tiny_sdxl, encoders):
+    net = make(tiny_sdxl, encoders, dim=4)
+    try:
+        net.apply_to(encoders, tiny_sdxl)
+        assert net._hooks
+        net.enable_gradient_checkpointing()
+        assert not net._hooks
+        loss_of(tiny_sdxl, net).backward()
+        assert all(l.rho.grad is not None for l in net.layers.values())
+    finally:
+        net.close()
+
+
+def ragged(net, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for i, layer in enumerate(net.layers.values()):
+        layer.set_rank([3, 8, 13, 1][i % 4])
+        layer.lora_up.data.copy_(torch.randn(layer.lora_up.shape, generator=g) * 0.1)
+
+
+def test_save_weights_and_create_network_from_weights_round_trip(tmp_path, tiny_sdxl, encoders):
+    net = make(tiny_sdxl, encoders, dim=8, targets=TE_TARGETS, r_max=16, q="0.85")
+    try:
+        ragged(net)
+        path = tmp_path / "lora2.safetensors"
+        meta = {"ss_output_name": "lora2", "ss_base_model_version": "sdxl_base_v1-0", "ss_seed": 42,
+                "ss_network_args": json.dumps({"r_max": "16"})}
+        net.save_weights(str(path), torch.float32, meta)
+        with safe_open(str(path), "pt") as f:
+            m = f.metadata()
+        assert m["ss_output_name"] == "lora2" and m["ss_seed"] == "42"
+        assert m["ss_network_module"] == "networks.lora" and m["ss_network_dim"] == "13"
+        assert m["lora2_network_module"] == "lora2_train.kohya.network" and m["lora2_dtype"] == "fp32"
+        assert json.loads(m["lora2_ranks"]) == net.ranks()
+        assert json.loads(m["lora2_config"])["trainer"] == "sd-scripts"
+        adapter = load_adapter(path)
+        assert adapter.ranks() == net.ranks()
+
+        back, sd = kn.create_network_from_weights(1.0, str(path), None, encoders, tiny_sdxl)
+        try:
+            assert back.ranks() == net.ranks()
+            assert (back.config.q, back.config.r_max, back.config.r_init) == (0.85, 16, 8)
+            assert set(back.config.targets) == {"attn1", "attn2", "te_attn"}
+            for k, layer in net.layers.items():
+                assert torch.allclose(back.layers[k].delta_weight(), layer.delta_weight(), atol=1e-6)
+                assert back.layers[k].nu().item() == pytest.approx(layer.nu().item(), rel=1e-5)
+                assert torch.equal(back.layers[k].lam_scale, layer.lam_scale)
+            assert f"{k}.lora_down.weight" in sd
+        finally:
+            back.close()
+
+        # --network_weights: a fresh network at another r_init takes the file's ragged ranks
+        fresh = make(tiny_sdxl, encoders, dim=4, targets=TE_TARGETS, r_max=16, q="0.85")
+        try:
+            info = fresh.load_weights(str(path))
+            assert "components loaded" in info
+            assert fresh.ranks() == net.ranks()
+            k = next(iter(net.layers))
+            assert torch.allclose(fresh.layers[k].delta_weight(), net.layers[k].delta_weight(), atol=1e-6)
+        finally:
+            fresh.close()
+    finally:
+        net.close()
+
+
+def test_fp16_save_and_merge_to(tmp_path, tiny_sdxl, encoders):
+    net = make(tiny_sdxl, encoders, dim=8, r_max=16)
+    try:
+        ragged(net, seed=1)
+        path = tmp_path / "half.safetensors"
+        net.save_weights(str(path), torch.float16, {})
+        assert load_adapter(path).metadata["lora2_dtype"] == "fp16"
+        k, layer = next(iter(net.layers.items()))
+        w0 = layer.base.weight.detach().clone()
+        inf, sd = kn.create_network_from_weights(0.5, str(path), None, encoders, tiny_sdxl, for_inference=True)
+        assert inf.is_mergeable()
+        try:
+            inf.merge_to(encoders, tiny_sdxl, sd, torch.float32, "cpu")
+            assert torch.allclose(layer.base.weight - w0, 0.5 * layer.delta_weight(), atol=2e-3)
+        finally:
+            layer.base.weight.data.copy_(w0)
+            inf.close()
+    finally:
+        net.close()
+
+
+def test_from_weights_errors(tmp_path, tiny_sdxl, tiny_koala, encoders):
+    net = make(tiny_sdxl, encoders, dim=8, r_max=16)
+    try:
+        ragged(net)
+        path = tmp_path / "x.safetensors"
+        net.save_weights(str(path), torch.float32, {})
+    finally:
+        net.close()
+    with pytest.raises(AdapterFormatError, match="no counterpart in this model"):
+        kn.create_network_from_weights(1.0, str(path), None, encoders, tiny_koala)
+    with pytest.raises(FileNotFoundError, match="no such LoRA file"):
+        kn.create_network_from_weights(1.0, str(tmp_path / "nope.safetensors"), None, encoders, tiny_sdxl)
+    small = make(tiny_sdxl, encoders, dim=4, r_max=8)
+    try:
+        with pytest.raises(ConfigError, match="rank 13 above r_max=8"):
+            small.load_weights(str(path))
+    finally:
+        small.close()
+
+
+def test_max_norm_regularization(tiny_sdxl, encoders):
+    net = make(tiny_sdxl, encoders, dim=4)
+    try:
+        ragged(net)
+        norms = [float(l.delta_weight().norm()) for l in net.layers.values()]
+        cap = sorted(norms)[len(norms) // 2]
+        scaled, mean, top = net.apply_max_norm_regularization(cap, "cpu")
+        assert scaled == sum(n > cap for n in norms) > 0
+        assert top == pytest.approx(cap, rel=1e-4)
+        assert max(float(l.delta_weight().norm()) for l in net.layers.values()) == pytest.approx(cap, rel=1e-4)
+    finally:
+        net.close()
