@@ -1,15 +1,22 @@
 """LoRA² adapter files: standard kohya LoRA safetensors with ragged ranks (spec §5).
 
 Keys per module ``<name>``: ``<name>.lora_down.weight`` (D×in[×k×k]),
-``<name>.lora_up.weight`` (out×D[×1×1]) and ``<name>.alpha`` (scalar = D, so
-the kohya factor alpha/D is 1).  s·Λ is folded into ``lora_up``.  Positions
-stay in importance order: the first k positions of a module are its k most
-important directions.  Metadata: the ``ss_*`` keys kohya tools read plus
+``<name>.lora_up.weight`` (out×D[×1×1]) and ``<name>.alpha`` (fp32 scalar; ΔW =
+alpha/D · up @ down).  Files we train store alpha = D (factor 1) with s·Λ folded
+into ``lora_up``.  Positions stay in importance order: the first k positions of
+a module are its k most important directions (``lora2_order`` says which order
+a file's positions follow).  Metadata: the ``ss_*`` keys kohya tools read plus
 ``lora2_version``, ``lora2_ranks``, ``lora2_nu``, ``lora2_config`` (JSON).
+
+Reading validates the safetensors header before any tensor is touched, never
+unpickles anything, and normalizes the adapters other tools write (kohya
+LoRA/LoCon, diffusers/PEFT, LyCORIS LoCon) into one ragged representation
+(see :mod:`lora2_train.readers`).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -17,11 +24,18 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as st_save
+from safetensors.torch import save_file
 
 FORMAT_VERSION = "1"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NETWORK_MODULE = "networks.lora"
+#: ``lora2_order`` values: positions ordered by learned importance (ν), by singular value, or unordered
+ORDERS = ("importance", "svd", "none")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+_ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+              "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_MAX_HEADER = 100 * 1024 * 1024
+_JSON_METADATA = ("lora2_ranks", "lora2_nu", "lora2_config", "ss_network_args", "lora2_merge")
 
 
 class AdapterFormatError(ValueError):
@@ -40,26 +54,62 @@ class LoRAModule:
     def rank(self) -> int:
         return int(self.down.shape[0])
 
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def out_features(self) -> int:
+        return int(self.up.shape[0])
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of the adapted weight: (out, in) or (out, in, kh, kw)."""
+        return (self.out_features,) + tuple(self.down.shape[1:])
+
+    @property
+    def num_parameters(self) -> int:
+        return self.down.numel() + self.up.numel()
+
     def delta_weight(self) -> torch.Tensor:
         down, up = self.down.float(), self.up.float()
         s = self.alpha / self.rank
         if down.dim() == 2:
-            return s * (up @ down)
+            return s * (up.flatten(1) @ down)
         return s * torch.einsum("od,dikl->oikl", up.flatten(1), down)
 
 
 @dataclass
 class Adapter:
-    """The in-memory ragged adapter every tool takes and returns: module name → factors, plus metadata."""
+    """The in-memory ragged adapter every tool takes and returns: module name → factors, plus metadata.
+
+    Module names are kohya keys in the SDXL ldm layout (``lora_unet_input_blocks_…``,
+    ``lora_te1_…``, ``lora_te2_…``) whatever layout the file used.
+    """
 
     modules: dict[str, LoRAModule]
     metadata: dict[str, str] = field(default_factory=dict)
+    source: str = "lora2"
 
     def ranks(self) -> dict[str, int]:
         return {k: m.rank for k, m in self.modules.items()}
 
     def num_parameters(self) -> int:
-        return sum(m.down.numel() + m.up.numel() for m in self.modules.values())
+        return sum(m.num_parameters for m in self.modules.values())
+
+    def dtype_name(self) -> str:
+        """fp32/fp16/bf16 of the factors (of the first module)."""
+        first = next(iter(self.modules.values()), None)
+        name = _dtype_name(first.down.dtype) if first is not None else "fp16"
+        return name if name in DTYPES else "fp32"
+
+    @property
+    def order(self) -> str:
+        """Order of each module's positions: 'importance' (LoRA²), 'svd', or 'none'."""
+        order = self.metadata.get("lora2_order")
+        if order in ORDERS:
+            return order
+        return "importance" if "lora2_version" in self.metadata else "none"
 
 
 def adapter_from_network(network, config=None, base_model: str = "sdxl_base_v1-0", extra: dict | None = None) -> Adapter:
@@ -68,49 +118,57 @@ def adapter_from_network(network, config=None, base_model: str = "sdxl_base_v1-0
     for key, layer in network.layers.items():
         down, up = layer.folded_factors()
         modules[key] = LoRAModule(down.float(), up.float(), float(layer.rank))
-    ranks = {k: m.rank for k, m in modules.items()}
-    max_rank = max(ranks.values())
     cfg = dict(config.to_dict() if config is not None else {})
     cfg.update(extra or {})
     meta = {
         "ss_network_module": NETWORK_MODULE,
-        "ss_network_dim": str(max_rank),
-        "ss_network_alpha": str(max_rank),
         "ss_base_model_version": base_model,
         "ss_network_args": json.dumps({"algo": "lora2", "ragged_ranks": "true"}),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
         "lora2_version": FORMAT_VERSION,
-        "lora2_ranks": json.dumps(ranks),
+        "lora2_order": "importance",
         "lora2_nu": json.dumps({k: round(v, 8) for k, v in network.nus().items()}),
         "lora2_config": json.dumps(cfg, default=str),
     }
-    return Adapter(modules, meta)
+    return with_rank_metadata(Adapter(modules, meta))
 
 
-def adapter_state_dict(adapter: Adapter, dtype: str = "fp16") -> dict[str, torch.Tensor]:
-    if dtype not in DTYPES:
+def with_rank_metadata(adapter: Adapter, **extra: str) -> Adapter:
+    """Refresh the metadata that depends on the ranks (``ss_network_dim`` = max rank, ``lora2_ranks``)."""
+    ranks = adapter.ranks()
+    max_rank = max(ranks.values()) if ranks else 0
+    meta = dict(adapter.metadata)
+    meta.update({"ss_network_dim": str(max_rank), "ss_network_alpha": str(max_rank),
+                 "lora2_version": FORMAT_VERSION, "lora2_ranks": json.dumps(ranks)})
+    meta.setdefault("ss_network_module", NETWORK_MODULE)
+    meta.update(extra)
+    return Adapter(adapter.modules, meta, adapter.source)
+
+
+def adapter_state_dict(adapter: Adapter, dtype: str | None = "fp16") -> dict[str, torch.Tensor]:
+    """kohya tensors of an adapter; `dtype` None keeps each tensor's dtype.  alpha is always fp32."""
+    if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    dt = DTYPES[dtype]
     sd = {}
     for name, m in adapter.modules.items():
-        sd[f"{name}.lora_down.weight"] = m.down.to(dt).contiguous()
-        sd[f"{name}.lora_up.weight"] = m.up.to(dt).contiguous()
-        sd[f"{name}.alpha"] = torch.tensor(float(m.alpha), dtype=dt)
+        dt = DTYPES[dtype] if dtype is not None else m.down.dtype
+        sd[f"{name}.lora_down.weight"] = m.down.detach().to("cpu", dt).contiguous()
+        sd[f"{name}.lora_up.weight"] = m.up.detach().to("cpu", dt).contiguous()
+        sd[f"{name}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
     return sd
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = False) -> Path:
-    """Write via a temporary file in the same folder and rename: a reader never sees half a file."""
+def _atomic(path: str | os.PathLike, write, overwrite: bool) -> Path:
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists (pass overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -120,38 +178,169 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = F
     return path
 
 
-def save_adapter(adapter: Adapter, path: str | os.PathLike, dtype: str = "fp16", overwrite: bool = False) -> Path:
-    """Write a kohya-format safetensors file atomically; refuses to replace a file unless `overwrite`."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = False) -> Path:
+    """Write via a temporary file in the same folder and rename: a reader never sees half a file."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return _atomic(path, write, overwrite)
+
+
+def save_adapter(adapter: Adapter, path: str | os.PathLike, dtype: str | None = "fp16",
+                 overwrite: bool = False) -> Path:
+    """Write a kohya-format safetensors file atomically; refuses to replace a file unless `overwrite`.
+
+    `dtype` is fp32/fp16/bf16, or None to keep the dtype the factors have.
+    """
+    if not adapter.modules:
+        raise ValueError(f"{path}: the adapter has no modules; nothing to write")
     sd = adapter_state_dict(adapter, dtype)
-    meta = dict(adapter.metadata)
-    meta["lora2_dtype"] = dtype
-    return atomic_write_bytes(path, st_save(sd, metadata=meta), overwrite=overwrite)
+    meta = {k: str(v) for k, v in adapter.metadata.items()}
+    meta["lora2_dtype"] = dtype or _dtype_name(next(iter(adapter.modules.values())).down.dtype)
+    return _atomic(path, lambda tmp: save_file(sd, tmp, metadata=meta), overwrite)
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}.get(dt, str(dt).replace("torch.", ""))
+
+
+def output_path(folder: str | os.PathLike, name: str, suffix: str = ".safetensors") -> Path:
+    """`folder`/`name` + suffix, refusing names that are empty, absolute, or that leave `folder`."""
+    raw = str(name).strip()
+    if not raw or raw in (".", ".."):
+        raise ValueError(f"output name {name!r} is empty")
+    if os.path.isabs(raw) or "\\" in raw or any(part == ".." for part in raw.split("/")) or "\0" in raw:
+        raise ValueError(f"output name {name!r} must stay inside {folder}")
+    if not raw.lower().endswith(suffix):
+        raw += suffix
+    base = Path(folder).resolve()
+    path = (base / raw).resolve()
+    if base != path.parent and base not in path.parents:
+        raise ValueError(f"output name {name!r} must stay inside {folder}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def _reject_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise AdapterFormatError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, after checking its header against the file.
+
+    Refuses pickle files (never unpickled), truncated files, headers that are not JSON, repeat a
+    key, or give a tensor a byte range that does not match its shape and dtype or lies past the
+    end of the file, metadata values that are not strings, and non-finite floating-point tensors.
+    """
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise AdapterFormatError(f"{path}: {path.suffix} files are pickles, which are never loaded; "
+                                 "convert it to .safetensors first")
+    if path.suffix.lower() != ".safetensors":
+        raise AdapterFormatError(f"{path}: only .safetensors adapters are read")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise AdapterFormatError(f"{path}: truncated file ({size} bytes), no safetensors header")
+        n = int.from_bytes(head, "little")
+        if n > size - 8 or n > _MAX_HEADER:
+            raise AdapterFormatError(f"{path}: not a safetensors file or truncated "
+                                     f"(header length {n} but the file has {size} bytes)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except AdapterFormatError as e:
+        raise AdapterFormatError(f"{path}: header has a {e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise AdapterFormatError(f"{path}: header is not valid JSON (not a safetensors file?)") from None
+    if not isinstance(header, dict):
+        raise AdapterFormatError(f"{path}: header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise AdapterFormatError(f"{path}: header key '__metadata__' is not an object")
+    for k, v in meta.items():
+        if not isinstance(v, str):
+            raise AdapterFormatError(f"{path}: metadata key {k!r} is not a string")
+    data_len = size - 8 - n
+    for key, info in header.items():
+        _check_entry(path, key, info, data_len)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in header}
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise AdapterFormatError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+            raise AdapterFormatError(f"{path}: tensor {key!r} contains {bad} values")
+    return tensors, meta
+
+
+def _check_entry(path: Path, key: str, info, data_len: int) -> None:
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise AdapterFormatError(f"{path}: header entry {key!r} lacks dtype/shape/data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in _ST_DTYPES:
+        raise AdapterFormatError(f"{path}: tensor {key!r} has unknown dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise AdapterFormatError(f"{path}: tensor {key!r} has an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise AdapterFormatError(f"{path}: tensor {key!r} has invalid data_offsets {offsets!r}")
+    need = math.prod(shape) * _ST_DTYPES[dtype]
+    if offsets[1] - offsets[0] != need:
+        raise AdapterFormatError(f"{path}: tensor {key!r}: header gives {offsets[1] - offsets[0]} bytes "
+                                 f"for shape {shape} {dtype} ({need} bytes)")
+    if offsets[1] > data_len:
+        raise AdapterFormatError(f"{path}: tensor {key!r} lies past the end of the file (truncated file?)")
+
+
+def parse_json_metadata(path, meta: dict[str, str]) -> dict[str, object]:
+    """Decode the JSON-valued metadata keys; a malformed value is an error naming its key."""
+    out = {}
+    for k in _JSON_METADATA:
+        if k in meta:
+            try:
+                out[k] = json.loads(meta[k])
+            except json.JSONDecodeError:
+                raise AdapterFormatError(f"{path}: metadata key {k!r} is not valid JSON") from None
+    return out
 
 
 def load_adapter(path: str | os.PathLike) -> Adapter:
-    """Read a kohya LoRA safetensors file (ragged ranks allowed) into an :class:`Adapter`.
+    """Read a LoRA safetensors file (kohya LoRA/LoCon, LoRA², diffusers/PEFT, LyCORIS LoCon).
 
-    A missing ``alpha`` means alpha = rank (kohya convention).
+    Ranks may differ per module.  A missing ``alpha`` means alpha = rank (kohya convention).
+    Algorithms that are not one factor pair per module (LoHa, LoKr, full diff, …) are refused.
     """
-    path = Path(path)
-    if path.suffix.lower() != ".safetensors":
-        raise AdapterFormatError(f"{path}: only .safetensors adapters are read (pickle files are never loaded)")
-    try:
-        f = safe_open(str(path), framework="pt")
-    except Exception as e:  # safetensors raises several types for a damaged header
-        raise AdapterFormatError(f"{path}: not a readable safetensors file ({e})") from None
-    tensors, meta = {}, dict(f.metadata() or {})
-    for key in f.keys():
-        tensors[key] = f.get_tensor(key)
-    names = sorted({k.split(".", 1)[0] for k in tensors})
-    modules = {}
-    for name in names:
-        down, up = tensors.get(f"{name}.lora_down.weight"), tensors.get(f"{name}.lora_up.weight")
-        if down is None or up is None:
-            raise AdapterFormatError(f"{path}: key {name!r} lacks lora_down/lora_up weights")
-        if down.shape[0] != up.shape[1]:
-            raise AdapterFormatError(
-                f"{path}: key {name!r}: lora_down rank {down.shape[0]} != lora_up rank {up.shape[1]}")
-        alpha = tensors.get(f"{name}.alpha")
-        modules[name] = LoRAModule(down, up, float(alpha) if alpha is not None else float(down.shape[0]))
-    return Adapter(modules, meta)
+    from .readers import normalize
+
+    tensors, meta = read_safetensors(path)
+    modules, source = normalize(path, tensors, meta)
+    adapter = Adapter(modules, meta, source)
+    _check_rank_metadata(path, adapter)
+    return adapter
+
+
+def _check_rank_metadata(path, adapter: Adapter) -> None:
+    decoded = parse_json_metadata(path, adapter.metadata)
+    ranks = decoded.get("lora2_ranks")
+    if ranks is None:
+        return
+    if not isinstance(ranks, dict):
+        raise AdapterFormatError(f"{path}: metadata key 'lora2_ranks' is not a JSON object")
+    actual = adapter.ranks()
+    for name, r in ranks.items():
+        if name in actual and actual[name] != r:
+            raise AdapterFormatError(f"{path}: metadata 'lora2_ranks' gives {name!r} rank {r}, "
+                                     f"but its tensors have rank {actual[name]}")

@@ -60,8 +60,10 @@ def rank_chart(ranks_list: list[dict[str, int]], labels: list[str] | None = None
     import numpy as np
 
     labels = labels or [f"adapter {i + 1}" for i in range(len(ranks_list))]
-    n_panels = 3 if history else 2
-    fig, axes = plt.subplots(n_panels, 1, figsize=(11, 3.2 * n_panels), dpi=90)
+    heat = len(ranks_list) >= 2
+    n_panels = 2 + bool(history) + heat
+    fig, axes = plt.subplots(n_panels, 1, figsize=(11, 3.2 * n_panels), dpi=90, squeeze=False)
+    axes = axes[:, 0]
     ax = axes[0]
     comps = sorted({component_of(k) for r in ranks_list for k in r})
     cmap = plt.get_cmap("tab10")
@@ -89,8 +91,10 @@ def rank_chart(ranks_list: list[dict[str, int]], labels: list[str] | None = None
     ax.set_ylabel("mean rank")
     ax.legend(fontsize=8)
 
+    if heat:
+        _heatmap(axes[2], ranks_list, labels, blocks, comps)
     if history:
-        ax = axes[2]
+        ax = axes[-1]
         steps = [h["step"] for h in history]
         per_block = [mean_rank_by_block(h["ranks"]) for h in history]
         for bi, b in enumerate(per_block[-1]):
@@ -105,3 +109,38 @@ def rank_chart(ranks_list: list[dict[str, int]], labels: list[str] | None = None
         fig.savefig(path)
     plt.close(fig)
     return image
+
+
+def _heatmap(ax, ranks_list, labels, blocks, comps) -> None:
+    """Adapters × (block, component) mean ranks as a heat map, one row per adapter."""
+    import numpy as np
+
+    cols = [(b, c) for b in blocks for c in comps]
+    grid = np.full((len(ranks_list), len(cols)), np.nan)
+    for ai, ranks in enumerate(ranks_list):
+        sums: dict[tuple, list[int]] = {}
+        for k, r in ranks.items():
+            sums.setdefault((block_of(k), component_of(k)), []).append(r)
+        for ci, col in enumerate(cols):
+            if col in sums:
+                grid[ai, ci] = sum(sums[col]) / len(sums[col])
+    used = ~np.all(np.isnan(grid), axis=0)
+    grid, cols = grid[:, used], [c for c, u in zip(cols, used) if u]
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels, fontsize=7)
+    step = max(1, len(cols) // 40)
+    ax.set_xticks(range(0, len(cols), step))
+    ax.set_xticklabels([f"{b} {c}" for b, c in cols[::step]], rotation=75, fontsize=5)
+    ax.set_title("mean rank per block and component", fontsize=9)
+    ax.figure.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
+
+
+def png_bytes(image) -> bytes:
+    """PNG encoding of an RGB array (H, W, 3) uint8."""
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()

@@ -89,7 +89,8 @@ def test_reader_rejects_pickles_and_garbage(tmp_path):
 def test_missing_alpha_means_alpha_equals_rank(tmp_path):
     from safetensors.torch import save_file
     p = tmp_path / "noalpha.safetensors"
-    save_file({"m.lora_down.weight": torch.ones(3, 4), "m.lora_up.weight": torch.ones(5, 3)}, str(p))
+    m = "lora_unet_middle_block_1_transformer_blocks_0_attn1_to_q"
+    save_file({f"{m}.lora_down.weight": torch.ones(3, 4), f"{m}.lora_up.weight": torch.ones(5, 3)}, str(p))
     ad = load_adapter(p)
-    assert ad.modules["m"].alpha == 3.0
-    assert torch.allclose(ad.modules["m"].delta_weight(), torch.full((5, 4), 3.0))
+    assert ad.modules[m].alpha == 3.0
+    assert torch.allclose(ad.modules[m].delta_weight(), torch.full((5, 4), 3.0))

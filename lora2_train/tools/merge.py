@@ -1,0 +1,99 @@
+"""Weighted merge of adapters with any ranks (spec §6).
+
+exact        ΔW = Σ_i w_i ΔW_i: factors concatenated along the rank axis, B = [w_1 s_1 B_1 | … ],
+             A = [A_1; …], rank Σ r_i, alpha = rank.  Optionally re-compressed per module by SVD to
+             a rank or an energy threshold (ragged output).
+pad-average  the paper's recipe: zero-pad each module to the largest rank among the inputs, then
+             average the factors: B = Σ w_i s_i B_i, A = Σ w_i A_i (default w_i = 1/N).  Approximate:
+             ΔW = Σ_i Σ_j w_i w_j B_i A_j includes cross terms.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..format import Adapter, LoRAModule, with_rank_metadata
+from .resize import check_resize_args, resize_module
+
+MODES = ("exact", "pad-average")
+_BASE_KEYS = ("ss_base_model_version", "modelspec.architecture")
+
+
+def _base_model(adapter: Adapter) -> str | None:
+    for k in _BASE_KEYS:
+        v = adapter.metadata.get(k)
+        if v:
+            return v.split("/")[0]
+    return None
+
+
+def check_compatible(adapters: list[Adapter], names: list[str]) -> None:
+    """Same base model (metadata, where given) and the same weight shape for every shared module."""
+    bases = [(n, _base_model(a)) for n, a in zip(names, adapters)]
+    known = [(n, b) for n, b in bases if b]
+    for n, b in known[1:]:
+        if b != known[0][1]:
+            raise ValueError(f"{n}: made for base model {b!r}, but {known[0][0]} is for {known[0][1]!r}; "
+                             "adapters for different base models cannot be merged")
+    shapes: dict[str, tuple[str, tuple]] = {}
+    for n, a in zip(names, adapters):
+        for key, m in a.modules.items():
+            if key in shapes and shapes[key][1] != m.weight_shape:
+                raise ValueError(f"{n}: key {key!r} adapts a weight of shape {m.weight_shape}, but in "
+                                 f"{shapes[key][0]} it is {shapes[key][1]} (different base models?)")
+            shapes.setdefault(key, (n, m.weight_shape))
+
+
+def _exact(items: list[tuple[float, LoRAModule]]) -> LoRAModule:
+    down = torch.cat([m.down.float() for _, m in items], 0)
+    up = torch.cat([(w * m.scale) * m.up.float() for w, m in items], 1)
+    return LoRAModule(down, up, float(down.shape[0]))
+
+
+def _pad_average(items: list[tuple[float, LoRAModule]]) -> LoRAModule:
+    r = max(m.rank for _, m in items)
+    down = torch.zeros((r,) + tuple(items[0][1].down.shape[1:]))
+    up = torch.zeros((items[0][1].up.shape[0], r) + tuple(items[0][1].up.shape[2:]))
+    for w, m in items:
+        down[: m.rank] += w * m.down.float()
+        up[:, : m.rank] += (w * m.scale) * m.up.float()
+    return LoRAModule(down, up, float(r))
+
+
+def merge(adapters: list[Adapter], weights: list[float] | None = None, mode: str = "exact",
+          rank: int | None = None, energy: float | None = None, names: list[str] | None = None) -> Adapter:
+    """Merge N ≥ 2 adapters module by module (a module missing from an adapter contributes nothing).
+
+    weights default to 1 each for ``exact`` (the sum, as kohya's merge) and 1/N for ``pad-average``.
+    `rank`/`energy` re-compress the exact merge by SVD (see :func:`lora2_train.tools.resize`).
+    """
+    if mode not in MODES:
+        raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if len(adapters) < 2:
+        raise ValueError("merge needs at least two adapters")
+    names = names or [f"adapter {i + 1}" for i in range(len(adapters))]
+    if weights is None:
+        weights = [1.0 if mode == "exact" else 1.0 / len(adapters)] * len(adapters)
+    if len(weights) != len(adapters):
+        raise ValueError(f"--weights has {len(weights)} values for {len(adapters)} adapters")
+    if rank is not None or energy is not None:
+        if mode != "exact":
+            raise ValueError("--rank/--energy re-compress an exact merge; they do not apply to pad-average")
+        check_resize_args(rank, energy)
+    check_compatible(adapters, names)
+    keys = list(dict.fromkeys(k for a in adapters for k in a.modules))
+    combine = _exact if mode == "exact" else _pad_average
+    modules = {}
+    for key in keys:
+        items = [(float(w), a.modules[key]) for w, a in zip(weights, adapters) if key in a.modules]
+        if len({m.down.shape[1:] for _, m in items}) > 1:
+            raise ValueError(f"key {key!r}: lora_down shapes {[tuple(m.down.shape) for _, m in items]} "
+                             "differ beyond the rank (LoCon kernels of different sizes?)")
+        m = combine(items)
+        modules[key] = resize_module(m, rank, energy) if (rank is not None or energy is not None) else m
+    base = next((a.metadata for a in adapters if _base_model(a)), adapters[0].metadata)
+    meta = {k: v for k, v in base.items() if k.startswith(("ss_base_model", "modelspec.", "ss_network_module"))}
+    order = "svd" if (rank is not None or energy is not None) else "none"
+    merged = json.dumps({"mode": mode, "weights": weights, "inputs": names, "rank": rank, "energy": energy})
+    return with_rank_metadata(Adapter(modules, meta, "lora2"), lora2_order=order, lora2_merge=merged)

@@ -1,0 +1,73 @@
+"""Load-time rank budget: keep the first k positions of each module (spec §5–§6).
+
+LoRA² files keep positions in learned importance order, so their first k positions are the k most
+important ones and no SVD is needed.  Other files are first put into singular-value order.
+A module truncated from r to k keeps alpha/rank: alpha' = alpha·k/r.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+
+from ..format import Adapter, LoRAModule, with_rank_metadata
+from .svd import svd_ordered
+
+
+def keep_first(m: LoRAModule, k: int) -> LoRAModule:
+    if k >= m.rank:
+        return m
+    return LoRAModule(m.down[:k].contiguous(), m.up[:, :k].contiguous(), m.alpha * k / m.rank)
+
+
+def position_scores(m: LoRAModule) -> list[float]:
+    """‖B[:, p]‖·‖A[p]‖·alpha/r per position (σ_p in SVD order), made non-increasing along p."""
+    score = (m.up.flatten(1).float().norm(dim=0) * m.down.flatten(1).float().norm(dim=1) * m.scale).tolist()
+    for i in range(1, len(score)):
+        score[i] = min(score[i], score[i - 1])
+    return score
+
+
+def budget_ranks(modules: dict[str, LoRAModule], params: int) -> dict[str, int]:
+    """Ranks that fit `params` parameters, taking positions in decreasing score, one prefix per module."""
+    cost = {k: m.num_parameters // m.rank for k, m in modules.items()}
+    floor = sum(cost.values())
+    if params < floor:
+        raise ValueError(f"--params {params} is below {floor}, the size of one position per module")
+    keep = {k: 1 for k in modules}
+    left = params - floor
+    heap = []
+    for k, m in modules.items():
+        for p, s in enumerate(position_scores(m)[1:], start=1):
+            heap.append((-s, k, p))
+    heapq.heapify(heap)
+    while heap and left > 0:
+        _, k, p = heapq.heappop(heap)
+        if p == keep[k] and cost[k] <= left:
+            keep[k] += 1
+            left -= cost[k]
+    return keep
+
+
+def truncate(adapter: Adapter, max_rank: int | None = None, fraction: float | None = None,
+             params: int | None = None) -> Adapter:
+    """Keep, per module, min(r, max_rank) positions, or ceil(fraction·r), or a global parameter budget."""
+    given = [v is not None for v in (max_rank, fraction, params)]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of --max-rank, --fraction, --params")
+    if max_rank is not None and max_rank < 1:
+        raise ValueError(f"--max-rank must be ≥ 1, got {max_rank}")
+    if fraction is not None and not 0.0 < fraction <= 1.0:
+        raise ValueError(f"--fraction must be in (0, 1], got {fraction}")
+    modules = adapter.modules
+    order = adapter.order
+    if order == "none":
+        modules = {k: svd_ordered(m) for k, m in modules.items()}
+        order = "svd"
+    if max_rank is not None:
+        ranks = {k: min(m.rank, max_rank) for k, m in modules.items()}
+    elif fraction is not None:
+        ranks = {k: max(1, math.ceil(fraction * m.rank - 1e-9)) for k, m in modules.items()}
+    else:
+        ranks = budget_ranks(modules, int(params))
+    out = Adapter({k: keep_first(m, ranks[k]) for k, m in modules.items()}, adapter.metadata, adapter.source)
+    return with_rank_metadata(out, lora2_order=order)
