@@ -9,9 +9,17 @@ from conftest import unet_inputs
 from lora2_train.config import ConfigError
 from lora2_train.format import AdapterFormatError, load_adapter
 from lora2_train.kohya import network as kn
+from lora2_train.models import SDXLUNet, reduced, sdxl_config
 from tests_helpers import tiny_clip_text_model
 
 TE_TARGETS = "attn1,attn2,te_attn"
+
+
+@pytest.fixture(scope="module")
+def small_unet():
+    """SDXL layout (ldm paths, all levels and the middle block) with one transformer block per level."""
+    torch.manual_seed(0)
+    return SDXLUNet(reduced(sdxl_config(), depth=(0, 1, 1), middle=1)).requires_grad_(False)
 
 
 @pytest.fixture
@@ -45,41 +53,41 @@ def test_create_network_keys_ranks_and_config(tiny_sdxl, encoders):
         net.close()
 
 
-def test_network_args_errors(tiny_sdxl, encoders):
+def test_network_args_errors(small_unet, encoders):
     with pytest.raises(ConfigError, match="unknown key 'rank'"):
-        make(tiny_sdxl, encoders, rank=4)
+        make(small_unet, encoders, rank=4)
     with pytest.raises(ConfigError, match="r_max=.*not a valid int"):
-        make(tiny_sdxl, encoders, r_max="big")
+        make(small_unet, encoders, r_max="big")
     with pytest.raises(ConfigError, match="dropout"):
-        kn.create_network(1.0, 8, 1, None, encoders, tiny_sdxl, dropout="0.1")
+        kn.create_network(1.0, 8, 1, None, encoders, small_unet, dropout="0.1")
     with pytest.raises(ConfigError, match="network_dropout"):
-        kn.create_network(1.0, 8, 1, None, encoders, tiny_sdxl, neuron_dropout=0.1)
+        kn.create_network(1.0, 8, 1, None, encoders, small_unet, neuron_dropout=0.1)
     with pytest.raises(ConfigError, match="two text encoders"):
-        make(tiny_sdxl, encoders[0], targets=TE_TARGETS)
+        make(small_unet, encoders[0], targets=TE_TARGETS)
     with pytest.raises(ConfigError, match="targets"):
-        make(tiny_sdxl, encoders, targets="everything")
+        make(small_unet, encoders, targets="everything")
 
 
-def test_apply_to_patches_and_drops_untrained_parts(tiny_sdxl, encoders):
-    net = make(tiny_sdxl, encoders, targets=TE_TARGETS)
+def test_apply_to_patches_and_drops_untrained_parts(small_unet, encoders):
+    net = make(small_unet, encoders, targets=TE_TARGETS)
     try:
-        x, t, ctx, y = unet_inputs(tiny_sdxl, batch=1)
-        before = tiny_sdxl(x, t, ctx, y)
-        net.apply_to(encoders, tiny_sdxl, apply_text_encoder=False, apply_unet=True)
+        x, t, ctx, y = unet_inputs(small_unet, batch=1)
+        before = small_unet(x, t, ctx, y)
+        net.apply_to(encoders, small_unet, apply_text_encoder=False, apply_unet=True)
         assert net.layers and all(k.startswith("lora_unet_") for k in net.layers)
         for layer in net.layers.values():
             layer.lora_up.data.normal_()
-        after = tiny_sdxl(x, t, ctx, y)
+        after = small_unet(x, t, ctx, y)
         assert not torch.allclose(before, after)
         net.set_multiplier(0.0)
-        assert torch.allclose(before, tiny_sdxl(x, t, ctx, y))
+        assert torch.allclose(before, small_unet(x, t, ctx, y))
     finally:
         net.close()
-    assert torch.allclose(before, tiny_sdxl(x, t, ctx, y))
+    assert torch.allclose(before, small_unet(x, t, ctx, y))
 
 
-def test_optimizer_groups_with_te_lrs_and_nu_lr(tiny_sdxl, encoders):
-    net = make(tiny_sdxl, encoders, targets=TE_TARGETS, nu_lr="0.03")
+def test_optimizer_groups_with_te_lrs_and_nu_lr(small_unet, encoders):
+    net = make(small_unet, encoders, targets=TE_TARGETS, nu_lr="0.03")
     try:
         groups, desc = net.prepare_optimizer_params_with_multiple_te_lrs([1e-5, 2e-5], 1e-4, 1e-3)
         assert desc == ["textencoder 1", "textencoder 2", "unet", "nu"]
@@ -90,7 +98,7 @@ def test_optimizer_groups_with_te_lrs_and_nu_lr(tiny_sdxl, encoders):
         # None → default lr; 0 → the part is frozen and left out (as sd-scripts does)
         groups, desc = net.prepare_optimizer_params(0, None, 1e-3)
         assert desc == ["unet", "nu"] and groups[0]["lr"] == 1e-3
-        net.prepare_grad_etc(encoders, tiny_sdxl)
+        net.prepare_grad_etc(encoders, small_unet)
         frozen = [k for k, l in net.layers.items() if not l.lora_down.requires_grad]
         assert frozen and all(k.startswith("lora_te") for k in frozen)
         assert all(p.requires_grad for p in net.get_trainable_params())
@@ -111,10 +119,10 @@ class WrappedOptimizer:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
 
-def test_adamw_steps_resize_in_place_keeps_parameters(tiny_sdxl, encoders):
-    net = make(tiny_sdxl, encoders, dim=8, r_max=16, resize_every=2, rank_block=1)
+def test_adamw_steps_resize_in_place_keeps_parameters(small_unet, encoders):
+    net = make(small_unet, encoders, dim=8, r_max=16, resize_every=2, rank_block=1)
     try:
-        net.apply_to(encoders, tiny_sdxl)
+        net.apply_to(encoders, small_unet)
         groups, _ = net.prepare_optimizer_params_with_multiple_te_lrs(None, 1e-3, 1e-3)
         opt = WrappedOptimizer(torch.optim.AdamW(groups, lr=1e-3))
         keys = list(net.layers)
@@ -127,7 +135,7 @@ def test_adamw_steps_resize_in_place_keeps_parameters(tiny_sdxl, encoders):
                 grow.rho.data.fill_(grow._rho_for_rank(12))
                 shrink.rho.data.fill_(shrink._rho_for_rank(3))
             opt.zero_grad()
-            loss = loss_of(tiny_sdxl, net, seed=step)
+            loss = loss_of(small_unet, net, seed=step)
             loss.backward()
             opt.step()
         assert net.optimizer is opt.optimizer and net.steps == 3
@@ -139,18 +147,18 @@ def test_adamw_steps_resize_in_place_keeps_parameters(tiny_sdxl, encoders):
             for p in g["params"]:
                 st = opt.optimizer.state[p]
                 assert st["exp_avg"].shape == p.shape and st["exp_avg_sq"].shape == p.shape
-        assert torch.isfinite(loss_of(tiny_sdxl, net))
+        assert torch.isfinite(loss_of(small_unet, net))
     finally:
         net.close()
 
 
-def test_in_place_resize_carries_state_of_surviving_positions(tiny_sdxl, encoders):
-    net = make(tiny_sdxl, encoders, dim=8, r_max=16, rank_block=1)
+def test_in_place_resize_carries_state_of_surviving_positions(small_unet, encoders):
+    net = make(small_unet, encoders, dim=8, r_max=16, rank_block=1)
     try:
-        net.apply_to(encoders, tiny_sdxl)
+        net.apply_to(encoders, small_unet)
         groups, _ = net.prepare_optimizer_params(None, 1e-3, 1e-3)
         opt = torch.optim.AdamW(groups, lr=1e-3)
-        loss_of(tiny_sdxl, net).backward()
+        loss_of(small_unet, net).backward()
         opt.step()
         layer = next(iter(net.layers.values()))
         down, up = layer.lora_down, layer.lora_up
@@ -171,8 +179,8 @@ def test_in_place_resize_carries_state_of_surviving_positions(tiny_sdxl, encoder
         net.close()
 
 
-def test_refuses_8bit_optimizer_state(tiny_sdxl, encoders):
-    net = make(tiny_sdxl, encoders, dim=4)
+def test_refuses_8bit_optimizer_state(small_unet, encoders):
+    net = make(small_unet, encoders, dim=4)
     try:
         groups, _ = net.prepare_optimizer_params(None, 1e-3, 1e-3)
         opt = torch.optim.SGD(groups, lr=1e-3)
@@ -184,14 +192,14 @@ def test_refuses_8bit_optimizer_state(tiny_sdxl, encoders):
         net.close()
 
 
-def test_gradient_checkpointing_computes_lam_per_component(tiny_sdxl, encoders):
-    net = make(tiny_sdxl, encoders, dim=4)
+def test_gradient_checkpointing_computes_lam_per_component(small_unet, encoders):
+    net = make(small_unet, encoders, dim=4)
     try:
-        net.apply_to(encoders, tiny_sdxl)
+        net.apply_to(encoders, small_unet)
         assert net._hooks
         net.enable_gradient_checkpointing()
         assert not net._hooks
-        loss_of(tiny_sdxl, net).backward()
+        loss_of(small_unet, net).backward()
         assert all(l.rho.grad is not None for l in net.layers.values())
     finally:
         net.close()
@@ -204,8 +212,8 @@ def ragged(net, seed=0):
         layer.lora_up.data.copy_(torch.randn(layer.lora_up.shape, generator=g) * 0.1)
 
 
-def test_save_weights_and_create_network_from_weights_round_trip(tmp_path, tiny_sdxl, encoders):
-    net = make(tiny_sdxl, encoders, dim=8, targets=TE_TARGETS, r_max=16, q="0.85")
+def test_save_weights_and_create_network_from_weights_round_trip(tmp_path, small_unet, encoders):
+    net = make(small_unet, encoders, dim=8, targets=TE_TARGETS, r_max=16, q="0.85")
     try:
         ragged(net)
         path = tmp_path / "lora2.safetensors"
@@ -222,7 +230,7 @@ def test_save_weights_and_create_network_from_weights_round_trip(tmp_path, tiny_
         adapter = load_adapter(path)
         assert adapter.ranks() == net.ranks()
 
-        back, sd = kn.create_network_from_weights(1.0, str(path), None, encoders, tiny_sdxl)
+        back, sd = kn.create_network_from_weights(1.0, str(path), None, encoders, small_unet)
         try:
             assert back.ranks() == net.ranks()
             assert (back.config.q, back.config.r_max, back.config.r_init) == (0.85, 16, 8)
@@ -236,7 +244,7 @@ def test_save_weights_and_create_network_from_weights_round_trip(tmp_path, tiny_
             back.close()
 
         # --network_weights: a fresh network at another r_init takes the file's ragged ranks
-        fresh = make(tiny_sdxl, encoders, dim=4, targets=TE_TARGETS, r_max=16, q="0.85")
+        fresh = make(small_unet, encoders, dim=4, targets=TE_TARGETS, r_max=16, q="0.85")
         try:
             info = fresh.load_weights(str(path))
             assert "components loaded" in info
@@ -249,8 +257,8 @@ def test_save_weights_and_create_network_from_weights_round_trip(tmp_path, tiny_
         net.close()
 
 
-def test_fp16_save_and_merge_to(tmp_path, tiny_sdxl, encoders):
-    net = make(tiny_sdxl, encoders, dim=8, r_max=16)
+def test_fp16_save_and_merge_to(tmp_path, small_unet, encoders):
+    net = make(small_unet, encoders, dim=8, r_max=16)
     try:
         ragged(net, seed=1)
         path = tmp_path / "half.safetensors"
@@ -258,10 +266,10 @@ def test_fp16_save_and_merge_to(tmp_path, tiny_sdxl, encoders):
         assert load_adapter(path).metadata["lora2_dtype"] == "fp16"
         k, layer = next(iter(net.layers.items()))
         w0 = layer.base.weight.detach().clone()
-        inf, sd = kn.create_network_from_weights(0.5, str(path), None, encoders, tiny_sdxl, for_inference=True)
+        inf, sd = kn.create_network_from_weights(0.5, str(path), None, encoders, small_unet, for_inference=True)
         assert inf.is_mergeable()
         try:
-            inf.merge_to(encoders, tiny_sdxl, sd, torch.float32, "cpu")
+            inf.merge_to(encoders, small_unet, sd, torch.float32, "cpu")
             assert torch.allclose(layer.base.weight - w0, 0.5 * layer.delta_weight(), atol=2e-3)
         finally:
             layer.base.weight.data.copy_(w0)
@@ -270,8 +278,8 @@ def test_fp16_save_and_merge_to(tmp_path, tiny_sdxl, encoders):
         net.close()
 
 
-def test_from_weights_errors(tmp_path, tiny_sdxl, tiny_koala, encoders):
-    net = make(tiny_sdxl, encoders, dim=8, r_max=16)
+def test_from_weights_errors(tmp_path, small_unet, tiny_koala, encoders):
+    net = make(small_unet, encoders, dim=8, r_max=16)
     try:
         ragged(net)
         path = tmp_path / "x.safetensors"
@@ -281,8 +289,8 @@ def test_from_weights_errors(tmp_path, tiny_sdxl, tiny_koala, encoders):
     with pytest.raises(AdapterFormatError, match="no counterpart in this model"):
         kn.create_network_from_weights(1.0, str(path), None, encoders, tiny_koala)
     with pytest.raises(FileNotFoundError, match="no such LoRA file"):
-        kn.create_network_from_weights(1.0, str(tmp_path / "nope.safetensors"), None, encoders, tiny_sdxl)
-    small = make(tiny_sdxl, encoders, dim=4, r_max=8)
+        kn.create_network_from_weights(1.0, str(tmp_path / "nope.safetensors"), None, encoders, small_unet)
+    small = make(small_unet, encoders, dim=4, r_max=8)
     try:
         with pytest.raises(ConfigError, match="rank 13 above r_max=8"):
             small.load_weights(str(path))
@@ -290,8 +298,8 @@ def test_from_weights_errors(tmp_path, tiny_sdxl, tiny_koala, encoders):
         small.close()
 
 
-def test_max_norm_regularization(tiny_sdxl, encoders):
-    net = make(tiny_sdxl, encoders, dim=4)
+def test_max_norm_regularization(small_unet, encoders):
+    net = make(small_unet, encoders, dim=4)
     try:
         ragged(net)
         norms = [float(l.delta_weight().norm()) for l in net.layers.values()]
