@@ -206,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier demo")
     d.set_defaults(func=cmd_demo)
     _add_tool_commands(sub)
+    from .kohya.launch import add_train_parser
+    add_train_parser(sub)
     return p
 
 

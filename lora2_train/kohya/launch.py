@@ -1,0 +1,386 @@
+"""Run LoRA² training under sd-scripts in a subprocess: ``train_sd_scripts(...)`` and ``python -m lora2_train train``.
+
+The launcher checks the sd-scripts checkout and its Python, writes two toml
+files (the dataset config and the training options) into
+``<output_dir>/.lora2-<name>/``, runs the trainer extension
+(``python -m lora2_train.kohya.train``) under the given Python and turns its
+``LORA2_PROGRESS`` lines into :class:`lora2_train.trainer.ProgressEvent`
+objects.  The complete output goes to ``<output_dir>/.lora2-<name>/train.log``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Callable
+
+from ..config import LoRA2Config
+from ..format import output_path
+from ..trainer import ProgressEvent
+
+PROGRESS_PREFIX = "LORA2_PROGRESS "
+SAVED_PREFIX = "LORA2_SAVED "
+ERROR_PREFIX = "lora2_train.kohya.train: error: "
+#: files whose presence marks an sd-scripts checkout, and hooks LoRA² needs in them
+CHECKOUT_FILES = ("train_network.py", "sdxl_train_network.py", "library/train_util.py")
+REQUIRED_TEXT = {
+    "train_network.py": ("def process_batch(", "def assert_extra_args(", "create_network_from_weights"),
+    "sdxl_train_network.py": ("class SdxlNetworkTrainer",),
+}
+#: modules sd-scripts imports at start (import name → requirement)
+REQUIRED_MODULES = {"torch": "torch", "accelerate": "accelerate", "diffusers": "diffusers",
+                    "transformers": "transformers", "safetensors": "safetensors", "toml": "toml",
+                    "voluptuous": "voluptuous", "einops": "einops", "imagesize": "imagesize", "cv2": "opencv-python"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class SdScriptsError(RuntimeError):
+    """sd-scripts is missing, unsupported or failed; the message is one line naming the folder or cause."""
+
+
+class TrainingCancelled(RuntimeError):
+    """``should_stop()`` ended the run; ``path`` is the last adapter saved (None if none was)."""
+
+    def __init__(self, message: str, path: Path | None = None):
+        super().__init__(message)
+        self.path = path
+
+
+# ---- checks ------------------------------------------------------------------------------------
+def check_sd_scripts(folder) -> Path:
+    """The folder as a Path if it is an sd-scripts checkout with the hooks LoRA² uses; else SdScriptsError."""
+    if not folder:
+        raise SdScriptsError("no sd-scripts folder given")
+    path = Path(folder).expanduser().resolve()
+    if not path.is_dir():
+        raise SdScriptsError(f"{path}: no such folder (expected an sd-scripts checkout)")
+    for name in CHECKOUT_FILES:
+        if not (path / name).is_file():
+            raise SdScriptsError(f"{path}: not an sd-scripts checkout ({name} is missing)")
+    for name, needles in REQUIRED_TEXT.items():
+        text = (path / name).read_text(encoding="utf-8", errors="replace")
+        for needle in needles:
+            if needle not in text:
+                hook = needle.replace("def ", "").replace("class ", "").rstrip("(")
+                raise SdScriptsError(f"{path / name}: this sd-scripts version lacks {hook!r}, which LoRA² hooks "
+                                     f"into; update the checkout")
+    return path
+
+
+def check_requirements(python: str, folder: Path) -> None:
+    """Ask `python` whether sd-scripts' requirements import; one-line SdScriptsError naming what is missing."""
+    code = ("import importlib.util, json; print(json.dumps([m for m in %r if importlib.util.find_spec(m) is None]))"
+            % list(REQUIRED_MODULES))
+    try:
+        out = subprocess.run([python, "-c", code], cwd=folder, capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        raise SdScriptsError(f"{python}: no such Python interpreter") from None
+    if out.returncode != 0:
+        raise SdScriptsError(f"{python}: cannot run ({(out.stderr or out.stdout).strip().splitlines()[-1:]})")
+    missing = json.loads(out.stdout.strip().splitlines()[-1])
+    if missing:
+        reqs = ", ".join(REQUIRED_MODULES[m] for m in missing)
+        raise SdScriptsError(f"{python} lacks sd-scripts requirements ({reqs}): run "
+                             f"{python} -m pip install -r {folder / 'requirements.txt'}")
+
+
+# ---- config files --------------------------------------------------------------------------------
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+
+def to_toml(settings: dict, tables: dict | None = None) -> str:
+    """Flat ``key = value`` lines, then ``[table]`` / ``[[array.of.tables]]`` sections (a small TOML writer)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in settings.items() if v is not None]
+    for header, body in (tables or {}).items():
+        lines += ["", header] + [f"{k} = {_toml_value(v)}" for k, v in body.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def network_args(config: LoRA2Config) -> list[str]:
+    """LoRA2Config → sd-scripts ``--network_args`` strings (see :mod:`lora2_train.kohya.network`)."""
+    names = ("r_max", "r_target", "r_min", "q", "lambda_r", "lambda_e", "beta", "nu_lr", "resize_every",
+             "rank_block", "scale", "entropy_queries")
+    return [f"{n}={getattr(config, n)}" for n in names] + [f"targets={','.join(config.targets)}"]
+
+
+def dataset_toml(dataset_dir: Path, resolution: int, batch_size: int, class_tokens: str) -> str:
+    """sd-scripts dataset config: one DreamBooth-style subset, captions from ``<image>.txt``."""
+    return to_toml({}, {
+        "[general]": {"caption_extension": ".txt", "shuffle_caption": False, "keep_tokens": 0},
+        "[[datasets]]": {"resolution": [resolution, resolution], "batch_size": batch_size, "enable_bucket": True,
+                         "min_bucket_reso": max(64, resolution // 2), "max_bucket_reso": resolution * 2,
+                         "bucket_reso_steps": 64},
+        "[[datasets.subsets]]": {"image_dir": str(dataset_dir), "num_repeats": 1, "class_tokens": class_tokens},
+    })
+
+
+def training_settings(base_checkpoint, dataset_config, output_dir, output_name, config: LoRA2Config, steps: int,
+                      seed: int, tokenizer_cache_dir=None, save_every: int | None = None, extra: dict | None = None):
+    """sd-scripts options (argparse names) for one LoRA² run; ``extra`` adds or replaces any of them."""
+    te = any(t.startswith("te_") for t in config.targets)
+    s = {
+        "pretrained_model_name_or_path": str(base_checkpoint),
+        "dataset_config": str(dataset_config),
+        "output_dir": str(output_dir),
+        "output_name": output_name,
+        "save_model_as": "safetensors",
+        "save_precision": "fp16",
+        "network_module": "lora2_train.kohya.network",
+        "network_dim": config.r_init,
+        "network_alpha": config.r_init,
+        "network_args": network_args(config),
+        "network_train_unet_only": not te,
+        "cache_text_encoder_outputs": not te,
+        "cache_latents": True,
+        "max_train_steps": steps,
+        "learning_rate": config.lr,
+        "unet_lr": config.lr,
+        "optimizer_type": "AdamW" if config.optimizer == "adamw" else "torch.optim.Adam",
+        "optimizer_args": [f"weight_decay={config.weight_decay}"],
+        "lr_scheduler": "constant",
+        "mixed_precision": config.mixed_precision,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "seed": seed,
+        "max_data_loader_n_workers": 0,
+        "sdpa": True,
+        "save_every_n_steps": save_every if save_every and save_every < steps else None,
+        "tokenizer_cache_dir": str(tokenizer_cache_dir) if tokenizer_cache_dir else None,
+    }
+    s.update(extra or {})
+    return s
+
+
+# ---- progress ------------------------------------------------------------------------------------
+def parse_progress_line(line: str, ranks: dict | None = None) -> ProgressEvent | None:
+    """A ``LORA2_PROGRESS {json}`` line → ProgressEvent (None for other lines).  Lines carry ranks only
+    when they may have changed; `ranks` (the last known) fills the others."""
+    i = line.find(PROGRESS_PREFIX)
+    if i < 0:
+        return None
+    try:
+        d = json.loads(line[i + len(PROGRESS_PREFIX):])
+        return ProgressEvent(
+            step=int(d["step"]), total=int(d["total"]), loss=float(d["loss"]), mse=float(d["mse"]),
+            reg=float(d["reg"]), entropy=float(d["entropy"]), ranks=dict(d.get("ranks") or ranks or {}),
+            num_params=int(d["num_params"]), resized={k: tuple(v) for k, v in d.get("resized", {}).items()},
+            elapsed=float(d["elapsed"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def parse_saved_line(line: str) -> dict | None:
+    i = line.find(SAVED_PREFIX)
+    if i < 0:
+        return None
+    try:
+        return json.loads(line[i + len(SAVED_PREFIX):])
+    except ValueError:
+        return None
+
+
+def _error_of(lines: list[str]) -> str:
+    """The most telling line of a failed run's output."""
+    for line in reversed(lines):
+        if ERROR_PREFIX in line:
+            return line.split(ERROR_PREFIX, 1)[1].strip()
+    for line in reversed(lines):
+        s = line.strip()
+        if s and (s.split(":", 1)[0].endswith(("Error", "Exception")) or s.startswith("AssertionError")):
+            return s
+    tail = [s.strip() for s in lines if s.strip()]
+    return tail[-1] if tail else "no output"
+
+
+# ---- the run -------------------------------------------------------------------------------------
+def train_sd_scripts(sd_scripts_dir, base_checkpoint, dataset_dir, output_dir, output_name, config: LoRA2Config,
+                     steps, resolution, batch_size, seed, python=None,
+                     callback: Callable[[ProgressEvent], None] | None = None,
+                     should_stop: Callable[[], bool] | None = None, *, overwrite: bool = False,
+                     tokenizer_cache_dir=None, save_every: int | None = None, extra_options: dict | None = None,
+                     poll_seconds: float = 0.5) -> Path:
+    """Train a LoRA² adapter with sd-scripts; returns the path of the saved adapter.
+
+    `callback` gets a ProgressEvent per optimizer step; `should_stop()` → True terminates the run (the
+    trainer saves its current state first) and raises :class:`TrainingCancelled` naming the last saved
+    file.  `extra_options` adds or replaces sd-scripts options (argparse names, e.g.
+    ``{"gradient_checkpointing": True}``).  Nothing is overwritten unless `overwrite`.
+    """
+    folder = check_sd_scripts(sd_scripts_dir)
+    python = str(python or sys.executable)
+    config = config.validate()
+    base_checkpoint, dataset_dir = Path(base_checkpoint).expanduser(), Path(dataset_dir).expanduser()
+    if not base_checkpoint.is_file():
+        raise FileNotFoundError(f"{base_checkpoint}: no such checkpoint file")
+    if not dataset_dir.is_dir():
+        raise FileNotFoundError(f"{dataset_dir}: no such dataset folder")
+    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in dataset_dir.iterdir()):
+        raise ValueError(f"{dataset_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) in the dataset folder")
+    if tokenizer_cache_dir is not None and not Path(tokenizer_cache_dir).is_dir():
+        raise FileNotFoundError(f"{tokenizer_cache_dir}: no such tokenizer folder")
+    for name, v in (("steps", steps), ("resolution", resolution), ("batch_size", batch_size)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if resolution % 64:
+        raise ValueError(f"resolution must be a multiple of 64, got {resolution}")
+    target = output_path(output_dir, output_name)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target}: already exists (pass overwrite to replace it)")
+    check_requirements(python, folder)
+
+    out_dir = target.parent
+    work = out_dir / f".lora2-{target.stem}"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "dataset.toml").write_text(dataset_toml(dataset_dir.resolve(), resolution, batch_size, target.stem))
+    settings = training_settings(base_checkpoint.resolve(), work / "dataset.toml", out_dir.resolve(), target.stem,
+                                 config, steps, seed, tokenizer_cache_dir and Path(tokenizer_cache_dir).resolve(),
+                                 save_every, extra_options)
+    (work / "train.toml").write_text(to_toml(settings))
+    cmd = [python, "-m", "lora2_train.kohya.train", "--sd_scripts", str(folder), "--config_file",
+           str(work / "train.toml")]
+    return _run(cmd, folder, work / "train.log", target, callback, should_stop, poll_seconds)
+
+
+def _run(cmd, cwd, log_path: Path, target: Path, callback, should_stop, poll_seconds) -> Path:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            encoding="utf-8", errors="replace", bufsize=1)
+    lines: queue.Queue = queue.Queue()
+
+    def pump():
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    tail: list[str] = []
+    ranks: dict = {}
+    last_saved: Path | None = None
+    stopping = False
+    with open(log_path, "w", encoding="utf-8") as log:
+        try:
+            while True:
+                if not stopping and should_stop is not None and should_stop():
+                    stopping = True
+                    proc.send_signal(signal.SIGTERM)
+                try:
+                    line = lines.get(timeout=poll_seconds)
+                except queue.Empty:
+                    continue
+                if line is None:
+                    break
+                log.write(line)
+                tail = (tail + [line])[-200:]
+                event = parse_progress_line(line, ranks)
+                if event is not None:
+                    ranks = event.ranks
+                    if callback is not None:
+                        callback(event)
+                    continue
+                saved = parse_saved_line(line)
+                if saved is not None:
+                    last_saved = Path(saved["path"])
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            try:
+                rc = proc.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait()
+    if stopping:
+        where = f"; last saved: {last_saved}" if last_saved else "; nothing was saved"
+        raise TrainingCancelled(f"training stopped{where}", last_saved)
+    if rc != 0:
+        raise SdScriptsError(f"sd-scripts training failed (exit {rc}): {_error_of(tail)} (log: {log_path})")
+    if target.exists():
+        return target
+    if last_saved is not None and last_saved.exists():
+        return last_saved
+    raise SdScriptsError(f"sd-scripts finished but wrote no adapter at {target} (log: {log_path})")
+
+
+# ---- command line ----------------------------------------------------------------------------------
+def add_train_parser(sub) -> None:
+    """``python -m lora2_train train …`` (registered by lora2_train.cli.build_parser)."""
+    t = sub.add_parser("train", help="train a LoRA² adapter on an SDXL checkpoint with sd-scripts")
+    t.add_argument("--backend", choices=("sd-scripts", "embedded"), default="sd-scripts")
+    t.add_argument("--sd-scripts", dest="sd_scripts", default=os.environ.get("SD_SCRIPTS_DIR"),
+                   help="sd-scripts checkout (default: $SD_SCRIPTS_DIR)")
+    t.add_argument("--sd-scripts-python", dest="sd_python", default=None,
+                   help="Python with sd-scripts' requirements (default: this Python)")
+    t.add_argument("--checkpoint", required=True, help="SDXL checkpoint (.safetensors)")
+    t.add_argument("--dataset", required=True, help="folder of images with <image>.txt captions")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--name", required=True, help="adapter name (<out>/<name>.safetensors)")
+    t.add_argument("--steps", type=int, default=500)
+    t.add_argument("--resolution", type=int, default=1024)
+    t.add_argument("--batch-size", dest="batch_size", type=int, default=1)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--r-init", dest="r_init", type=int, default=LoRA2Config.r_init)
+    t.add_argument("--r-target", dest="r_target", type=int, default=None, help="default: r_init")
+    t.add_argument("--r-max", dest="r_max", type=int, default=LoRA2Config.r_max)
+    t.add_argument("--q", type=float, default=LoRA2Config.q)
+    t.add_argument("--lambda-r", dest="lambda_r", type=float, default=LoRA2Config.lambda_r)
+    t.add_argument("--lambda-e", dest="lambda_e", type=float, default=LoRA2Config.lambda_e)
+    t.add_argument("--beta", type=float, default=LoRA2Config.beta)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--nu-lr", dest="nu_lr", type=float, default=LoRA2Config.nu_lr)
+    t.add_argument("--resize-every", dest="resize_every", type=int, default=LoRA2Config.resize_every)
+    t.add_argument("--targets", default="attn", help="preset (attn, attn+ff, attn+ff+proj, all) or comma list")
+    t.add_argument("--mixed-precision", dest="mixed_precision", choices=("no", "fp16", "bf16"), default="bf16")
+    t.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true")
+    t.add_argument("--save-every", dest="save_every", type=int, default=None, help="also save every N steps")
+    t.add_argument("--tokenizer-cache-dir", dest="tokenizer_cache_dir", default=None,
+                   help="local CLIP tokenizers for offline use (see python -m lora2_train.kohya.tokenizers)")
+    t.add_argument("--sd-option", dest="sd_options", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra sd-scripts option (repeatable), e.g. --sd-option min_snr_gamma=5")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing adapter of that name")
+    t.set_defaults(func=cmd_train)
+
+
+def _parse_option(text: str):
+    if "=" not in text:
+        raise ValueError(f"--sd-option {text!r}: expected KEY=VALUE")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
+
+
+def cmd_train(args) -> int:
+    from ..cli import _progress_bar
+    if args.backend == "embedded":
+        raise ValueError("the embedded backend trains inside ComfyUI (LoRA² Train node) or on the random demo model "
+                         "(python -m lora2_train demo); use --backend sd-scripts to train on a checkpoint file")
+    if not args.sd_scripts:
+        raise ValueError("--sd-scripts DIR (or $SD_SCRIPTS_DIR) is required for --backend sd-scripts")
+    config = LoRA2Config(r_init=args.r_init, r_target=args.r_target or args.r_init, r_max=args.r_max, q=args.q,
+                         lambda_r=args.lambda_r, lambda_e=args.lambda_e, beta=args.beta, lr=args.lr,
+                         nu_lr=args.nu_lr, resize_every=args.resize_every, targets=args.targets,
+                         optimizer="adamw", steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing)
+    extra = dict(_parse_option(o) for o in args.sd_options)
+    path = train_sd_scripts(args.sd_scripts, args.checkpoint, args.dataset, args.out, args.name, config, args.steps,
+                            args.resolution, args.batch_size, args.seed, python=args.sd_python,
+                            callback=_progress_bar(args.steps), overwrite=args.overwrite,
+                            tokenizer_cache_dir=args.tokenizer_cache_dir, save_every=args.save_every,
+                            extra_options=extra)
+    print(path)
+    return 0
