@@ -159,4 +159,6 @@ class LoadLoRA2Adapter:
         new_model, new_clip = patch_with_adapter(model, clip, adapter, strength_model, strength_clip, lora_name)
         info = adapter_info(lora_name, adapter, full, strength_model=strength_model, strength_clip=strength_clip,
                             rank_budget=rank_budget, budget_mode=budget_mode)
-        return new_model, new_clip, info
+        ui = {"name": lora_name, "ranks": info["ranks"], "full_ranks": info["full_ranks"],
+              "num_parameters": info["num_parameters"], "full_num_parameters": info["full_num_parameters"]}
+        return {"ui": {"lora2_ranks": [ui]}, "result": (new_model, new_clip, info)}  # ui: the browser's rank chart

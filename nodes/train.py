@@ -115,7 +115,9 @@ class TrainLoRA2:
         else:
             adapter, history = self._train_embedded(model, clip, vae, config, out, dataset_path, images,
                                                     captions, instance_prompt, resolution, resume_from, run)
-        model_out, clip_out = _comfy.apply_adapter(model, clip, adapter)
+        from .load import patch_with_adapter
+
+        model_out, clip_out = patch_with_adapter(model, clip, adapter, 1.0, 1.0, out.name)
         ranks = adapter.ranks()
         run.send(status="done", saved=out.name, ranks_by_block=_block_means(ranks))
         return {"ui": {"lora2_saved": [out.name]},
@@ -144,8 +146,10 @@ class TrainLoRA2:
             raise ValueError(f"Train LoRA² (SDXL): embedded training needs an ε-prediction model, "
                              f"this one is {base.model_type.name}")
 
-        with torch.inference_mode(False):
-            data = self._encode(base, clip, vae, examples, resolution)
+        data = self._encode(base, clip, vae, examples, resolution)  # under ComfyUI's inference mode
+        with torch.inference_mode(False):  # copies usable by autograd
+            data = [{"latents": d["latents"].clone(), "cond": {k: v.clone() for k, v in d["cond"].items()}}
+                    for d in data]
         if resume_from and not os.path.isfile(resume_from):
             raise FileNotFoundError(f"resume_from: {resume_from}: no such checkpoint file")
 
@@ -175,9 +179,9 @@ class TrainLoRA2:
                 cond, pooled = clip.encode_from_tokens(clip.tokenize(ex.caption), return_pooled=True)
                 y = base.encode_adm(pooled_output=pooled, width=w, height=h, crop_w=0, crop_h=0,
                                     target_width=w, target_height=h, device=pooled.device)
-                cache[ex.caption] = (cond[0].float().cpu().clone(), y[0].float().cpu().clone())
+                cache[ex.caption] = (cond[0].float().cpu(), y[0].float().cpu())
             context, y = cache[ex.caption]
-            data.append({"latents": lat.clone(), "cond": {"context": context, "y": y}})
+            data.append({"latents": lat, "cond": {"context": context, "y": y}})
         return data
 
     def _run_trainer(self, base, unet, data, config, out, device, resume_from, run):
@@ -191,7 +195,7 @@ class TrainLoRA2:
         schedule = _schedule_of(base)
         dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
         ckpt_dir = _checkpoint_dir(out)
-        swapped = _trainable_copies(unet)
+        _autograd_usable(unet)
         flags = [(p, p.requires_grad) for p in unet.parameters()]
         for p, _ in flags:
             if p.requires_grad:
@@ -214,7 +218,7 @@ class TrainLoRA2:
                 result = trainer.train(resume_from=resume_from or None)
         finally:
             network.restore()
-            _restore(swapped, flags)
+            _restore_flags(flags)
         stamp = {"lora2_steps": str(result.steps), "lora2_trained_with": "embedded"}
         adapter = adapter_from_network(network, config, base_model=_base_model_name(base))
         adapter.metadata.update(stamp)
@@ -313,7 +317,12 @@ class _Run:
         _comfy.send(_comfy.PROGRESS_EVENT, {"node": self.node_id, "total": self.total, **data})
 
     def step(self, ev):
-        self.bar.update_absolute(ev.step, ev.total)
+        import comfy.model_management as mm
+
+        try:  # ComfyUI's progress hook raises on Cancel; the trainer's should_stop handles it at the next step
+            self.bar.update_absolute(ev.step, ev.total)
+        except mm.InterruptProcessingException:
+            mm.interrupt_current_processing(True)
         self.send(status="running", step=ev.step, loss=ev.loss, mse=ev.mse, reg=ev.reg, entropy=ev.entropy,
                   num_params=ev.num_params, elapsed=ev.elapsed, ranks_by_block=_block_means(ev.ranks))
 
@@ -350,23 +359,19 @@ def _load_for_training(model):
     mm.load_models_gpu([model], **kwargs)
 
 
-def _trainable_copies(module):
-    """Weights loaded under ComfyUI's inference mode cannot be saved for backward: give the modules
-    autograd-usable copies for the run and keep the originals to put back (bit-identical)."""
+def _autograd_usable(module):
+    """Weights loaded under ComfyUI's inference mode cannot be saved for backward: each such parameter is
+    replaced by a normal tensor holding the same bits (one at a time, so memory does not double)."""
     import torch
 
-    swapped = []
     for mod in module.modules():
         for name, p in list(mod._parameters.items()):
             if p is not None and p.is_inference():
-                mod._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
-                swapped.append((mod, name, p))
-    return swapped
+                mod._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                del p
 
 
-def _restore(swapped, flags):
-    for mod, name, p in swapped:
-        mod._parameters[name] = p
+def _restore_flags(flags):
     for p, flag in flags:
         if p.requires_grad != flag:
             p.requires_grad_(flag)

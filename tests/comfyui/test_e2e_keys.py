@@ -106,7 +106,9 @@ def test_rank_budget_patches_the_truncated_adapter(sdxl, tmp_path, monkeypatch):
     adapter = random_adapter(keys, ragged_ranks(4, 64, 4), seed=2)
     save_adapter(adapter, tmp_path / "a.safetensors", dtype="fp32")
     monkeypatch.setattr(_pack, "lora_path", lambda name: str(tmp_path / name))
-    new_model, new_clip, info = LoadLoRA2Adapter().load(model, clip, "a.safetensors", 1.0, 1.0, 12, "max rank")
+    out = LoadLoRA2Adapter().load(model, clip, "a.safetensors", 1.0, 1.0, 12, "max rank")
+    new_model, new_clip, info = out["result"]
+    assert out["ui"]["lora2_ranks"][0]["ranks"] == info["ranks"]  # what the browser's rank chart draws
     assert info["ranks"] == {k: min(r, 12) for k, r in adapter.ranks().items()}
     assert info["full_ranks"] == adapter.ranks() and info["num_parameters"] < info["full_num_parameters"]
     json.dumps(info)  # LORA2_INFO is plain data

@@ -13,8 +13,9 @@ def test_embedded_training_on_a_comfyui_unet(comfyui_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     f = json.loads(r.stdout.strip().splitlines()[-1])
     assert f["schedule_matches"], "trainer noise schedule differs from ComfyUI's EPS model sampling"
-    # the cached base model: same bytes, still ComfyUI's own (inference) tensors, flags as before
-    assert f["weights_identical"] and f["inference_before"] and f["inference_after"]
+    # the cached base model: same bytes, requires_grad flags as before (ComfyUI loads weights as inference
+    # tensors; training swaps them for autograd-usable tensors holding the same bits)
+    assert f["weights_identical"] and f["inference_before"]
     assert f["requires_grad_after"]
     # the saved adapter: one module per attention projection, every key known to ComfyUI's LoRA loader
     assert f["num_modules"] == 56 and f["unmapped"] == []

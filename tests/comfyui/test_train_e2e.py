@@ -1,0 +1,220 @@
+"""Train LoRA² (SDXL) end to end in a headless ComfyUI: train → chart, load under a rank budget → sample → chart,
+Cancel during training, a missing dataset folder.  The random-weight KOALA-700M checkpoint, 256² images
+(32² latents), 2 steps, batch 1, rank ≤ 16: a few CPU seconds per step."""
+import asyncio
+import json
+import threading
+import time
+import uuid
+
+import aiohttp
+import pytest
+import torch
+from PIL import Image
+
+import comfyui_harness as H
+from lora2_train import rank as R
+from lora2_train.format import load_adapter
+from lora2_train.plot import block_of
+
+ATTN = ("attn1", "attn2")
+PROJ = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@pytest.fixture
+def loras(comfyui):
+    """ComfyUI saves into the first folder of its ``loras`` list, its own models/loras; the files a test
+    writes there (names starting with the test's unique tag) are removed afterwards."""
+    folder = comfyui.comfy_dir / "models" / "loras"
+    tag = f"t{uuid.uuid4().hex[:8]}"
+    yield folder, tag
+    for p in folder.glob(f"{tag}*"):
+        p.unlink()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dataset")
+    g = torch.Generator().manual_seed(0)
+    for i, size in enumerate(((96, 64), (64, 80))):
+        arr = (torch.rand(size[1], size[0], 3, generator=g) * 255).byte().numpy()
+        Image.fromarray(arr).save(folder / f"img{i}.png")
+    (folder / "img0.txt").write_text("a photo of sks toy on a table")
+    return folder
+
+
+def train_node(ckpt_loader, dataset_path, name, steps=2, **over):
+    inputs = {"model": [ckpt_loader, 0], "clip": [ckpt_loader, 1], "vae": [ckpt_loader, 2],
+              "dataset_path": str(dataset_path), "instance_prompt": "a photo of sks toy", "steps": steps,
+              "learning_rate": 1e-4, "nu_learning_rate": 1e-2, "r_init": 8, "r_max": 16, "r_target": 4, "q": 0.9,
+              "lambda_r": 1.0, "lambda_e": 0.0, "seed": 0, "resolution": 256, "batch_size": 1,
+              "target_modules": "attn", "backend": "embedded", "output_name": name}
+    inputs.update(over)
+    return {"class_type": "LoRA2Train", "inputs": inputs}
+
+
+def sample_nodes(model, clip, vae, prefix, size=128):
+    """text encode → 1-step KSampler at 128² → VAE decode → SaveImage, as nodes "2"…"7"."""
+    return {
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of sks toy", "clip": clip}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": clip}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": model, "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "seed": 0, "steps": 1, "cfg": 5.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": vae}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
+    }
+
+
+def expected_keys(checkpoint) -> set:
+    """kohya names of every attention projection of the checkpoint's UNet (ldm layout)."""
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint), framework="pt") as f:
+        keys = list(f.keys())
+    out = set()
+    for k in keys:
+        if not k.startswith("model.diffusion_model.") or not k.endswith(".weight"):
+            continue
+        path = k[len("model.diffusion_model."):-len(".weight")]
+        if any(path.endswith(f".{a}.{p}") for a in ATTN for p in PROJ):
+            out.add("lora_unet_" + path.replace(".", "_"))
+    return out
+
+
+class Messages:
+    """Collects the JSON messages ComfyUI broadcasts on /ws (in a background thread)."""
+
+    def __init__(self, server):
+        # the harness queues prompts under server.client_id; ComfyUI sends that client its progress messages
+        self.url = server.url.replace("http://", "ws://") + f"/ws?clientId={server.client_id}"
+        self.items: list[dict] = []
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self):
+        async with aiohttp.ClientSession() as s, s.ws_connect(self.url) as ws:
+            self._ready.set()
+            while not self._stop.is_set():
+                try:
+                    msg = await ws.receive(timeout=0.2)
+                except asyncio.TimeoutError:
+                    continue
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    self.items.append(json.loads(msg.data))
+                elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    break
+
+    def __enter__(self):
+        self._thread.start()
+        assert self._ready.wait(30), "could not open ComfyUI's websocket"
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(10)
+
+    def progress(self, node=None):
+        return [m["data"] for m in self.items if m.get("type") == "lora2.progress"
+                and (node is None or m["data"].get("node") == node)]
+
+
+def test_train_chart_then_load_with_budget_and_sample(comfyui_alive, koala_checkpoint, dataset, loras):
+    server, (folder, name) = comfyui_alive, loras
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": koala_checkpoint.name}},
+         "20": train_node("1", dataset, name),
+         "30": {"class_type": "LoRA2VisualizeRanks",
+                "inputs": {"lora_name": "(none)", "adapter": ["20", 2], "history": ["20", 3]}},
+         "31": {"class_type": "SaveImage", "inputs": {"images": ["30", 0], "filename_prefix": "chart"}}}
+    with Messages(server) as ws:
+        entry = server.run(g, timeout=900)
+        time.sleep(0.5)
+    path = folder / f"{name}.safetensors"
+    assert path.is_file()
+    assert entry["outputs"]["20"]["lora2_saved"] == [path.name]
+    assert len(H.output_images(entry, "31")) == 1
+
+    # the file: one module per attention projection of the checkpoint, each at the rank its saved ν implies
+    ad = load_adapter(path)
+    assert set(ad.modules) == expected_keys(koala_checkpoint)
+    meta_ranks, nus = ad.metadata["lora2_ranks"], ad.metadata["lora2_nu"]
+    meta_ranks = meta_ranks if isinstance(meta_ranks, dict) else json.loads(meta_ranks)
+    nus = nus if isinstance(nus, dict) else json.loads(nus)
+    assert ad.ranks() == meta_ranks
+    for k, r in ad.ranks().items():
+        assert r == R.round_rank(R.effective_rank(nus[k], 0.9, 16), 4, 16), k
+        assert ad.modules[k].down.shape[0] == ad.modules[k].up.shape[1] == r
+    assert ad.metadata["lora2_steps"] == "2"
+
+    # live messages: started, one per step with loss terms and mean rank per block, done
+    prog = ws.progress("20")
+    steps = [m for m in prog if m["status"] == "running"]
+    assert [m["step"] for m in steps] == [1, 2] and all(m["total"] == 2 for m in steps)
+    assert all(set(m) >= {"loss", "mse", "reg", "entropy", "ranks_by_block", "num_params"} for m in steps)
+    assert all(isinstance(m["loss"], float) and m["loss"] == m["loss"] for m in steps)
+    assert set(steps[-1]["ranks_by_block"]) == {block_of(k) for k in ad.modules}
+    assert prog[0]["status"] == "started" and prog[-1]["status"] == "done" and prog[-1]["saved"] == path.name
+    assert any(m.get("type") == "progress" and m["data"]["max"] == 2 for m in ws.items)  # ComfyUI progress bar
+
+    # load it back under a rank budget and sample; the loader reports the ranks for the chart
+    g2 = {"1": g["1"], "10": {"class_type": "LoRA2LoadAdapter",
+                              "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": path.name,
+                                         "strength_model": 1.0, "strength_clip": 1.0, "rank_budget": 4.0,
+                                         "budget_mode": "max rank"}}}
+    g2.update(sample_nodes(["10", 0], ["10", 1], ["1", 2], "loaded"))
+    g2["30"] = {"class_type": "LoRA2VisualizeRanks", "inputs": {"lora_name": "(none)", "info": ["10", 2]}}
+    g2["31"] = {"class_type": "SaveImage", "inputs": {"images": ["30", 0], "filename_prefix": "chart"}}
+    entry2 = server.run(g2, timeout=600)
+    assert len(H.output_images(entry2, "7")) == 1 and len(H.output_images(entry2, "31")) == 1
+    ui = entry2["outputs"]["10"]["lora2_ranks"][0]
+    assert ui["name"] == path.name and max(ui["ranks"].values()) <= 4
+    assert ui["full_ranks"] == ad.ranks()
+
+
+def test_cancel_keeps_a_resumable_checkpoint(comfyui_alive, koala_checkpoint, dataset, loras):
+    server, (folder, name) = comfyui_alive, loras
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": koala_checkpoint.name}},
+         "20": train_node("1", dataset, name, steps=500, resolution=128)}
+    with Messages(server) as ws:
+        answer = server.queue(g)
+        deadline = time.monotonic() + 600
+        while not any(m["status"] == "running" for m in ws.progress("20")):
+            assert time.monotonic() < deadline and server.alive(), server.log_tail()
+            time.sleep(0.2)
+        server.interrupt()
+        entry = server.wait(answer["prompt_id"], timeout=600)
+        time.sleep(0.5)
+    assert H.status_str(entry) != "success"
+    kinds = [m[0] for m in entry["status"]["messages"]]
+    assert "execution_interrupted" in kinds and "execution_error" not in kinds
+    stop = [m for m in ws.progress("20") if m["status"] == "interrupted"]
+    assert len(stop) == 1 and "cancelled at step" in stop[0]["message"]
+    k = max(m["step"] for m in ws.progress("20") if m["status"] == "running")
+    partial = folder / stop[0]["saved"]
+    assert partial.name == f"{name}_step{k}.safetensors" and partial.is_file()
+    assert not (folder / f"{name}.safetensors").exists()
+    ad = load_adapter(partial)
+    assert ad.metadata["lora2_interrupted"] == "true" and ad.metadata["lora2_steps"] == str(k)
+    ckpt = stop[0]["checkpoint"]
+    assert torch.load(ckpt, weights_only=True)["step"] == k
+    assert "cancelled at step" in server.log_tail(200_000)
+
+    # the checkpoint is usable: resume it for one more step
+    g["20"] = train_node("1", dataset, name, steps=k + 1, resolution=128, resume_from=ckpt)
+    server.run(g, timeout=600)
+    done = load_adapter(folder / f"{name}.safetensors")
+    assert done.metadata["lora2_steps"] == str(k + 1)
+
+
+def test_missing_dataset_folder_is_a_clear_node_error(comfyui_alive, koala_checkpoint, tmp_path):
+    server = comfyui_alive
+    missing = tmp_path / "no_such_folder"
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": koala_checkpoint.name}},
+         "20": train_node("1", missing, f"missing_{uuid.uuid4().hex[:8]}")}
+    entry = server.run(g, timeout=600, expect_success=False)
+    err = H.execution_error(entry)
+    assert err is not None and err["node_id"] == "20" and err["node_type"] == "LoRA2Train"
+    assert str(missing) in err["exception_message"] and "does not exist" in err["exception_message"]
+    assert "\n" not in err["exception_message"].strip()
