@@ -2,8 +2,11 @@
 
 Keys per module ``<name>``: ``<name>.lora_down.weight`` (D×in[×k×k]),
 ``<name>.lora_up.weight`` (out×D[×1×1]) and ``<name>.alpha`` (fp32 scalar; ΔW =
-alpha/D · up @ down).  Files we train store alpha = D (factor 1) with s·Λ folded
-into ``lora_up``.  Positions stay in importance order: the first k positions of
+alpha/D · up @ down).  Files we train (and the SVD, merge and truncate tools)
+give every module the same alpha = max rank (= ``ss_network_alpha``), with s·Λ and
+the factor D/alpha folded into ``lora_up``: loaders that assume one alpha per file
+(diffusers) then scale every module correctly, and the others read per-module
+alphas anyway.  Positions stay in importance order: the first k positions of
 a module are its k most important directions (``lora2_order`` says which order
 a file's positions follow).  Metadata: the ``ss_*`` keys kohya tools read plus
 ``lora2_version``, ``lora2_ranks``, ``lora2_nu``, ``lora2_config`` (JSON).
@@ -112,12 +115,25 @@ class Adapter:
         return "importance" if "lora2_version" in self.metadata else "none"
 
 
+def uniform_alpha(modules: dict[str, LoRAModule]) -> dict[str, LoRAModule]:
+    """The same ΔW with one alpha for all modules, A = max rank: up' = up · (alpha/r) · (r/A)."""
+    if not modules:
+        return modules
+    a = float(max(m.rank for m in modules.values()))
+    out = {}
+    for k, m in modules.items():
+        factor = m.alpha / a
+        out[k] = m if factor == 1.0 else LoRAModule(m.down, (m.up.float() * factor).to(m.up.dtype), a)
+    return out
+
+
 def adapter_from_network(network, config=None, base_model: str = "sdxl_base_v1-0", extra: dict | None = None) -> Adapter:
     """Fold s·Λ into ``lora_up`` of every component of a LoRA2Network and attach the metadata of spec §5."""
     modules = {}
     for key, layer in network.layers.items():
         down, up = layer.folded_factors()
         modules[key] = LoRAModule(down.float(), up.float(), float(layer.rank))
+    modules = uniform_alpha(modules)
     cfg = dict(config.to_dict() if config is not None else {})
     cfg.update(extra or {})
     meta = {

@@ -13,7 +13,7 @@ import json
 
 import torch
 
-from ..format import Adapter, LoRAModule, with_rank_metadata
+from ..format import Adapter, LoRAModule, uniform_alpha, with_rank_metadata
 from .resize import check_resize_args, resize_module
 
 MODES = ("exact", "pad-average")
@@ -96,4 +96,4 @@ def merge(adapters: list[Adapter], weights: list[float] | None = None, mode: str
     meta = {k: v for k, v in base.items() if k.startswith(("ss_base_model", "modelspec.", "ss_network_module"))}
     order = "svd" if (rank is not None or energy is not None) else "none"
     merged = json.dumps({"mode": mode, "weights": weights, "inputs": names, "rank": rank, "energy": energy})
-    return with_rank_metadata(Adapter(modules, meta, "lora2"), lora2_order=order, lora2_merge=merged)
+    return with_rank_metadata(Adapter(uniform_alpha(modules), meta, "lora2"), lora2_order=order, lora2_merge=merged)

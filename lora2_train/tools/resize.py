@@ -6,7 +6,7 @@ singular-value order, alpha = k.
 """
 from __future__ import annotations
 
-from ..format import Adapter, LoRAModule, with_rank_metadata
+from ..format import Adapter, LoRAModule, uniform_alpha, with_rank_metadata
 from .svd import energy_rank, factor_svd, from_svd
 
 
@@ -28,6 +28,6 @@ def check_resize_args(rank, energy) -> None:
 def resize(adapter: Adapter, rank: int | None = None, energy: float | None = None) -> Adapter:
     """Every module re-compressed by SVD to `rank` (or less) or to an energy threshold."""
     check_resize_args(rank, energy)
-    out = Adapter({k: resize_module(m, rank, energy) for k, m in adapter.modules.items()},
-                  adapter.metadata, adapter.source)
+    modules = uniform_alpha({k: resize_module(m, rank, energy) for k, m in adapter.modules.items()})
+    out = Adapter(modules, adapter.metadata, adapter.source)
     return with_rank_metadata(out, lora2_order="svd")

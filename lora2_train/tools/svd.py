@@ -26,7 +26,7 @@ def energy_rank(s: torch.Tensor, energy: float) -> int:
     total = float(e.sum())
     if total == 0.0:
         return 1
-    k = int(torch.searchsorted(torch.cumsum(e, 0) / total, torch.tensor([energy - 1e-12], dtype=torch.float64)))
+    k = int(torch.searchsorted(torch.cumsum(e, 0) / total, torch.tensor([energy - 1e-6], dtype=torch.float64)))
     return max(1, min(k + 1, s.numel()))
 
 

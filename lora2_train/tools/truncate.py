@@ -2,18 +2,23 @@
 
 LoRA² files keep positions in learned importance order, so their first k positions are the k most
 important ones and no SVD is needed.  Other files are first put into singular-value order.
-A module truncated from r to k keeps alpha/rank: alpha' = alpha·k/r.
+A module truncated from r to k keeps alpha/rank: alpha' = alpha·k/r; the result is then given one
+alpha for all modules (see :func:`lora2_train.format.uniform_alpha`).  Trailing all-zero positions
+(zero-padding) are dropped too, so truncating a padded file restores its ragged ranks.
 """
 from __future__ import annotations
 
 import heapq
 import math
 
-from ..format import Adapter, LoRAModule, with_rank_metadata
+from ..format import Adapter, LoRAModule, uniform_alpha, with_rank_metadata
 from .svd import svd_ordered
 
 
 def keep_first(m: LoRAModule, k: int) -> LoRAModule:
+    """The first k positions, never keeping trailing zero positions (zero-padding is dropped)."""
+    live = (m.up.flatten(1).ne(0).any(0) & m.down.flatten(1).ne(0).any(1)).nonzero()
+    k = min(k, max(1, int(live[-1]) + 1 if live.numel() else 1))
     if k >= m.rank:
         return m
     return LoRAModule(m.down[:k].contiguous(), m.up[:, :k].contiguous(), m.alpha * k / m.rank)
@@ -69,5 +74,6 @@ def truncate(adapter: Adapter, max_rank: int | None = None, fraction: float | No
         ranks = {k: max(1, math.ceil(fraction * m.rank - 1e-9)) for k, m in modules.items()}
     else:
         ranks = budget_ranks(modules, int(params))
-    out = Adapter({k: keep_first(m, ranks[k]) for k, m in modules.items()}, adapter.metadata, adapter.source)
+    kept = {k: keep_first(m, ranks[k]) for k, m in modules.items()}
+    out = Adapter(uniform_alpha(kept), adapter.metadata, adapter.source)
     return with_rank_metadata(out, lora2_order=order)
