@@ -67,10 +67,12 @@ def normalize(path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> t
     peft_alpha = _peft_alphas(path, meta) if "peft" in style else None
     n = _layers_per_block(parts)
     modules: dict[str, LoRAModule] = {}
+    origin: dict[str, str] = {}
     for module, slot in parts.items():
         name = _kohya_name(path, module, n)
         if name in modules:
-            raise AdapterFormatError(f"{path}: key {module!r} names the same module as another key ({name!r})")
+            raise AdapterFormatError(f"{path}: keys {origin[name]!r} and {module!r} name the same module {name!r}")
+        origin[name] = module
         modules[name] = _factor_pair(path, module, slot, peft_alpha)
     lycoris = any("mid" in s for s in parts.values()) or any(m.startswith("lycoris_") for m in parts) \
         or "lycoris" in meta.get("ss_network_module", "")
