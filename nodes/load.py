@@ -73,8 +73,9 @@ def check_keys(adapter, key_map: dict, model, clip, source: str) -> None:
     """Every module must name a weight of the model (an error lists those that do not) and fit its shape."""
     unmapped = [k for k in adapter.modules if k not in key_map]
     if unmapped:
+        hint = " (a LoRA for another base model?)" if len(unmapped) == len(adapter.modules) else ""
         raise ValueError(f"{source}: {len(unmapped)} of {len(adapter.modules)} LoRA keys name no weight of this "
-                         f"model/CLIP: {_list(unmapped)}")
+                         f"model/CLIP{hint}: {_list(unmapped)}")
     shapes = {}
     for root, prefix in ((model, "model"), (clip, "clip")):
         if root is not None:

