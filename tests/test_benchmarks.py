@@ -42,3 +42,11 @@ def test_fixed_params_at_mse_interpolates():
     assert fixed_params_at_mse(fixed, 2.0) == 100
     assert fixed_params_at_mse(fixed, 0.75) == pytest.approx(200.0)
     assert fixed_params_at_mse(fixed, 0.1) is None
+
+
+def test_tools_io_quick():
+    res = run("tools_io.py", "--quick", "--rounds", "1")
+    assert res["modules"] == 56
+    for tool in ("inspect", "pad", "merge", "truncate"):
+        assert res[f"{tool}_s"] > 0 and res[f"{tool}_raw_s"] > 0 and res[f"{tool}_ratio"] > 0
+    assert res["max_ratio"] == max(res[f"{t}_ratio"] for t in ("inspect", "pad", "merge", "truncate"))
