@@ -8,8 +8,9 @@ square, values in [0, 1], plus its caption):
   order; the caption of ``cat.png`` is the text of ``cat.txt`` beside it when
   that file exists and is not empty, else the instance prompt;
 * an image batch (B, H, W, C) or (B, C, H, W) with a caption string: one
-  caption per line when the string has exactly B non-empty lines, else the
-  whole string for every image (empty: the instance prompt).
+  caption per line when the string has exactly B non-empty lines (or, on one
+  line, exactly B parts separated by "|"), else the whole string for every
+  image (empty: the instance prompt).
 
 Bad input raises :class:`DatasetError` with one line naming the folder or file.
 """
@@ -128,6 +129,9 @@ def from_images(images: torch.Tensor, captions: str = "", resolution=None, insta
     images = images[:, :3]
     b = images.shape[0]
     lines = [" ".join(s.split()) for s in (captions or "").splitlines() if s.strip()]
+    if len(lines) == 1 and b > 1:  # a one-line field: captions separated by "|"
+        parts = [" ".join(s.split()) for s in lines[0].split("|") if s.strip()]
+        lines = parts if len(parts) == b else lines
     if len(lines) == b and b > 1:
         caps = lines
     else:

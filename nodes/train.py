@@ -75,8 +75,8 @@ class TrainLoRA2:
             },
             "optional": {
                 "images": ("IMAGE",),
-                "captions": ("STRING", {"default": "", "multiline": True, "tooltip": "with images: one caption "
-                                        "per line (one line per image) or one caption for all"}),
+                "captions": ("STRING", {"default": "", "tooltip": "with images: one caption for all, or one "
+                                        "per image separated by |"}),
                 "sd_scripts_path": ("STRING", {"default": ""}),
                 "python_path": ("STRING", {"default": ""}),
                 "base_checkpoint": ([NONE] + _checkpoint_names(), {"default": NONE}),

@@ -94,8 +94,11 @@ def test_image_batch_with_captions():
     assert [e.caption for e in ex] == ["one", "two", "three"]
     assert all(e.image.shape == (3, 16, 16) for e in ex)
     assert [e.source for e in ex] == ["batch[0]", "batch[1]", "batch[2]"]
+    piped = from_images(imgs, "one | two|three", 16)
+    assert [e.caption for e in piped] == ["one", "two", "three"]
     same = from_images(imgs, "a  photo\nof sks", 16)  # line count != batch size: one caption for all
     assert [e.caption for e in same] == ["a photo of sks"] * 3
+    assert {e.caption for e in from_images(imgs, "a | b", 16)} == {"a | b"}  # 2 parts for 3 images: one caption
     fallback = from_images(imgs, "", 16, instance_prompt="photo of sks")
     assert {e.caption for e in fallback} == {"photo of sks"}
     chw = from_images(imgs.permute(0, 3, 1, 2), "x")  # channels-first, no resize

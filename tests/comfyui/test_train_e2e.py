@@ -218,3 +218,23 @@ def test_missing_dataset_folder_is_a_clear_node_error(comfyui_alive, koala_check
     assert err is not None and err["node_id"] == "20" and err["node_type"] == "LoRA2Train"
     assert str(missing) in err["exception_message"] and "does not exist" in err["exception_message"]
     assert "\n" not in err["exception_message"].strip()
+
+
+@pytest.mark.parametrize("name", ["lora2_train_sample_api.json", "lora2_load_budget_sample_api.json"])
+def test_api_example_workflows_match_the_node_definitions(comfyui, name):
+    """Every node of the API-format examples exists, gets all its required inputs and only known ones; choices
+    other than file names are valid."""
+    graph = json.loads((H.REPO_ROOT / "example_workflows" / name).read_text())
+    info = comfyui.object_info()
+    for nid, node in graph.items():
+        spec = info[node["class_type"]]["input"]
+        required, optional = spec.get("required", {}), spec.get("optional", {})
+        assert set(required) <= set(node["inputs"]), (nid, set(required) - set(node["inputs"]))
+        assert set(node["inputs"]) <= set(required) | set(optional), (nid, node["inputs"].keys())
+        for key, value in node["inputs"].items():
+            if isinstance(value, list):  # a link [node id, output slot]
+                assert value[0] in graph and isinstance(value[1], int), (nid, key)
+                continue
+            kind = (required.get(key) or optional.get(key))[0]
+            if isinstance(kind, list) and key not in ("ckpt_name", "lora_name"):
+                assert value in kind, (nid, key, value)
