@@ -94,3 +94,12 @@ def test_missing_alpha_means_alpha_equals_rank(tmp_path):
     ad = load_adapter(p)
     assert ad.modules[m].alpha == 3.0
     assert torch.allclose(ad.modules[m].delta_weight(), torch.full((5, 4), 3.0))
+
+
+def test_output_names_stay_inside_the_folder(tmp_path):
+    from lora2_train.format import output_path
+    assert output_path(tmp_path, "mine") == (tmp_path / "mine.safetensors").resolve()
+    assert output_path(tmp_path, "sub/mine.safetensors") == (tmp_path / "sub" / "mine.safetensors").resolve()
+    for bad in ("../x", "/etc/x", "a/../../x", "", "..", "a\\..\\x"):
+        with pytest.raises(ValueError, match="output name"):
+            output_path(tmp_path, bad)
