@@ -250,15 +250,14 @@ class TrainLoRA2:
 
         from lora2_train.format import load_adapter
 
-        if not sd_scripts_path or not os.path.isdir(sd_scripts_path):
-            raise ValueError(f"sd_scripts_path: {sd_scripts_path!r} is not a folder (backend sd-scripts needs a "
-                             "kohya sd-scripts checkout)")
         if base_checkpoint in (None, "", NONE):
             raise ValueError("base_checkpoint: choose the SDXL checkpoint sd-scripts should train on")
         ckpt = folder_paths.get_full_path("checkpoints", base_checkpoint)
         if ckpt is None:
             raise FileNotFoundError(f"base_checkpoint {base_checkpoint!r} not found in ComfyUI's checkpoints folders")
-        from lora2_train.kohya.launch import TrainingCancelled, train_sd_scripts
+        from lora2_train.kohya.launch import TrainingCancelled, check_sd_scripts, train_sd_scripts
+
+        check_sd_scripts(sd_scripts_path)  # one line naming the folder when it is not a usable checkout
 
         with tempfile.TemporaryDirectory(prefix="lora2_data_") as tmp:
             folder = dataset_path

@@ -238,3 +238,24 @@ def test_api_example_workflows_match_the_node_definitions(comfyui, name):
             kind = (required.get(key) or optional.get(key))[0]
             if isinstance(kind, list) and key not in ("ckpt_name", "lora_name"):
                 assert value in kind, (nid, key, value)
+
+
+@pytest.mark.parametrize("case", ["no_checkout", "no_base"])
+def test_sd_scripts_backend_inputs_are_checked(comfyui_alive, koala_checkpoint, dataset, tmp_path, case):
+    """backend sd-scripts: a folder that is not an sd-scripts checkout, or no base checkpoint, is one clear
+    node error before anything runs (a real sd-scripts run is covered by the kohya tests)."""
+    server = comfyui_alive
+    empty = tmp_path / "not_sd_scripts"
+    empty.mkdir()
+    over = {"backend": "sd-scripts", "sd_scripts_path": str(empty),
+            "base_checkpoint": koala_checkpoint.name if case == "no_checkout" else "(none)"}
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": koala_checkpoint.name}},
+         "20": train_node("1", dataset, f"sd_{uuid.uuid4().hex[:8]}", **over)}
+    err = H.execution_error(server.run(g, timeout=600, expect_success=False))
+    assert err is not None and err["node_id"] == "20"
+    msg = err["exception_message"].strip()
+    assert "\n" not in msg
+    if case == "no_checkout":
+        assert str(empty) in msg and "not an sd-scripts checkout" in msg
+    else:
+        assert "base_checkpoint" in msg

@@ -1,0 +1,59 @@
+"""Parts of the Train LoRA² node that need no ComfyUI: its declared inputs, the image-batch → folder hand-off to
+sd-scripts, and the progress history shape."""
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def train_mod():
+    spec = importlib.util.spec_from_file_location("lora2_pack_t", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["lora2_pack_t"] = mod
+    try:
+        spec.loader.exec_module(mod)
+        yield sys.modules["lora2_pack_t.nodes.train"]
+    finally:
+        for name in [m for m in sys.modules if m.startswith("lora2_pack_t")]:
+            sys.modules.pop(name)
+
+
+def test_inputs_cover_the_paper_hyperparameters_and_presets(train_mod):
+    from lora2_train.config import TARGET_PRESETS
+
+    spec = train_mod.TrainLoRA2.INPUT_TYPES()
+    req, opt = spec["required"], spec["optional"]
+    for name in ("model", "clip", "vae", "dataset_path", "instance_prompt", "steps", "learning_rate",
+                 "nu_learning_rate", "r_init", "r_max", "r_target", "q", "lambda_r", "lambda_e", "seed", "resolution",
+                 "batch_size", "target_modules", "backend", "output_name"):
+        assert name in req, name
+    assert req["target_modules"][0] == list(TARGET_PRESETS)
+    assert req["backend"][0] == ["embedded", "sd-scripts"]
+    assert {"images", "captions", "sd_scripts_path", "python_path", "base_checkpoint", "resume_from"} <= set(opt)
+    assert spec["hidden"] == {"unique_id": "UNIQUE_ID"}
+    assert train_mod.TrainLoRA2.RETURN_TYPES == ("MODEL", "CLIP", "LORA2", "LORA2_HISTORY")
+
+
+def test_image_batch_becomes_an_image_folder_with_captions(train_mod, tmp_path):
+    from lora2_train.dataset import from_images, load_folder
+
+    imgs = torch.rand(2, 40, 48, 3)
+    ex = from_images(imgs, "first | second", 32)
+    train_mod._write_image_folder(ex, str(tmp_path))
+    back = load_folder(tmp_path, 32, instance_prompt="unused")
+    assert [e.caption for e in back] == ["first", "second"]
+    for a, b in zip(ex, back):
+        assert (a.image - b.image).abs().max() <= 0.5 / 255 + 1e-6  # 8-bit PNG round trip
+
+
+def test_block_means_for_the_live_chart(train_mod):
+    ranks = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": 4,
+             "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_k": 12,
+             "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_v": 8}
+    assert train_mod._block_means(ranks) == {"down.4": 8.0, "mid": 8.0}
