@@ -17,8 +17,10 @@ from .svd import svd_ordered
 
 def keep_first(m: LoRAModule, k: int) -> LoRAModule:
     """The first k positions, never keeping trailing zero positions (zero-padding is dropped)."""
-    live = (m.up.flatten(1).ne(0).any(0) & m.down.flatten(1).ne(0).any(1)).nonzero()
-    k = min(k, max(1, int(live[-1]) + 1 if live.numel() else 1))
+    k = min(k, m.rank)
+    up, down = m.up.flatten(1), m.down.flatten(1)
+    while k > 1 and not (bool(up[:, k - 1].any()) and bool(down[k - 1].any())):
+        k -= 1
     if k >= m.rank:
         return m
     return LoRAModule(m.down[:k].contiguous(), m.up[:, :k].contiguous(), m.alpha * k / m.rank)
