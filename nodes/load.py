@@ -76,17 +76,23 @@ def check_keys(adapter, key_map: dict, model, clip, source: str) -> None:
         hint = " (a LoRA for another base model?)" if len(unmapped) == len(adapter.modules) else ""
         raise ValueError(f"{source}: {len(unmapped)} of {len(adapter.modules)} LoRA keys name no weight of this "
                          f"model/CLIP{hint}: {_list(unmapped)}")
-    shapes = {}
-    for root, prefix in ((model, "model"), (clip, "clip")):
-        if root is not None:
-            sd = root.model.state_dict() if prefix == "model" else root.cond_stage_model.state_dict()
-            shapes.update({k: tuple(v.shape) for k, v in sd.items()})
+    roots = [r for r in (model.model if model is not None else None,
+                         clip.cond_stage_model if clip is not None else None) if r is not None]
+
+    def weight_shape(key):
+        for root in roots:
+            try:
+                return tuple(root.get_parameter(key).shape)
+            except AttributeError:
+                continue
+        return None
+
     bad = []
     for k, m in adapter.modules.items():
         target = key_map[k]
         if not isinstance(target, str):  # (key, offset…): part of a fused weight
             continue
-        shape = shapes.get(target)
+        shape = weight_shape(target)
         if shape is None:
             continue
         if shape[0] != m.out_features or math.prod(shape) != math.prod(m.weight_shape):
