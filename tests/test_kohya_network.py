@@ -310,3 +310,113 @@ def test_max_norm_regularization(small_unet, encoders):
         assert max(float(l.delta_weight().norm()) for l in net.layers.values()) == pytest.approx(cap, rel=1e-4)
     finally:
         net.close()
+
+
+def test_resume_state_at_other_ranks_keeps_parameters_and_optimizer_state(small_unet, encoders):
+    """sd-scripts --resume: accelerate loads the network's state_dict, then the optimizer's."""
+    net = make(small_unet, encoders, dim=8, r_max=16)
+    fresh = make(small_unet, encoders, dim=8, r_max=16)
+    try:
+        ragged(net)
+        groups, _ = net.prepare_optimizer_params(None, 1e-3, 1e-3)
+        opt = torch.optim.AdamW(groups, lr=1e-3)
+        loss_of(small_unet, net).backward()
+        opt.step()
+        state, opt_state = net.state_dict(), opt.state_dict()
+        groups2, _ = fresh.prepare_optimizer_params(None, 1e-3, 1e-3)
+        opt2 = torch.optim.AdamW(groups2, lr=1e-3)
+        params = [id(p) for p in fresh.parameters()]
+        fresh.load_state_dict(state)
+        opt2.load_state_dict(opt_state)
+        assert fresh.ranks() == net.ranks() and [id(p) for p in fresh.parameters()] == params
+        k = next(iter(net.layers))
+        assert torch.equal(fresh.layers[k].delta_weight(), net.layers[k].delta_weight())
+        assert torch.equal(opt2.state[fresh.layers[k].lora_up]["exp_avg"], opt.state[net.layers[k].lora_up]["exp_avg"])
+    finally:
+        net.close()
+        fresh.close()
+
+
+class _Accelerator:
+    @staticmethod
+    def unwrap_model(m):
+        return m
+
+
+class _TrainerBase:
+    """The slice of sd-scripts' NetworkTrainer the extension overrides: same method names and parameters."""
+
+    def __init__(self):
+        pass
+
+    def assert_extra_args(self, args, train_dataset_group, val_dataset_group):
+        pass
+
+    def process_batch(self, batch, text_encoders, unet, network, vae, noise_scheduler, vae_dtype, weight_dtype,
+                      accelerator, args, text_encoding_strategy, tokenize_strategy, is_train=True,
+                      train_text_encoder=True, train_unet=True):
+        x, t, ctx, y = batch
+        return unet(x, t, ctx, y).square().mean()
+
+    def train(self, args):
+        pass
+
+
+def _args(tmp_path, **kw):
+    from argparse import Namespace
+    base = dict(network_module="lora2_train.kohya.network", optimizer_type="AdamW", use_8bit_adam=False,
+                network_args=["lambda_e=0.1", "lambda_r=2", "resize_every=1"], network_dim=8,
+                gradient_checkpointing=False, max_train_steps=2, output_dir=str(tmp_path), output_name="x",
+                save_precision="fp16")
+    base.update(kw)
+    return Namespace(**base)
+
+
+def test_trainer_extension_adds_reg_and_entropy_and_prints_progress(tmp_path, small_unet, encoders, capsys):
+    from lora2_train.kohya.launch import parse_progress_line
+    from lora2_train.kohya.train import make_trainer_class
+
+    trainer = make_trainer_class(_TrainerBase)()
+    args = _args(tmp_path)
+    trainer.assert_extra_args(args, None, None)
+    net = make(small_unet, encoders, dim=8, lambda_e=0.1, lambda_r=2, resize_every=1, r_target=4, nu_lr=0.5)
+    try:
+        net.apply_to(encoders, small_unet)
+        groups, _ = net.prepare_optimizer_params(None, 1e-3, 1e-3)
+        opt = torch.optim.AdamW(groups, lr=1e-3)
+        batch = unet_inputs(small_unet, batch=1)
+        call = (batch, encoders, small_unet, net, None, None, None, None, _Accelerator(), args, None, None)
+        total = trainer.process_batch(*call)
+        total_f, mse, reg, ent = trainer._last
+        assert mse == pytest.approx(_TrainerBase().process_batch(*call).item(), rel=1e-5)
+        r, w = net.reg_loss()
+        assert reg == pytest.approx((r + net.config.beta * w).item(), rel=1e-5)
+        assert ent > 0 and total_f == pytest.approx(mse + 2 * reg + 0.1 * ent, rel=1e-5)
+        # validation batches get sd-scripts' loss alone
+        assert trainer.process_batch(*call[:-2], None, None, is_train=False).item() == pytest.approx(mse, rel=1e-5)
+        total.backward()
+        assert all(l.rho.grad is not None for l in net.layers.values())
+        opt.step()
+        lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("LORA2_PROGRESS")]
+        e = parse_progress_line(lines[-1])
+        assert (e.step, e.total) == (1, 2) and e.loss == pytest.approx(total_f)
+        assert e.ranks == net.ranks() and e.resized and min(e.ranks.values()) < 8
+        net.save_weights(str(tmp_path / "x.safetensors"), torch.float16, {})
+        assert "LORA2_SAVED" in capsys.readouterr().out
+    finally:
+        net.close()
+
+
+def test_trainer_extension_refuses_unsupported_options(tmp_path):
+    from lora2_train.kohya.train import main, make_trainer_class
+
+    trainer = make_trainer_class(_TrainerBase)()
+    with pytest.raises(ConfigError, match="AdamW8bit.*per-element"):
+        trainer.assert_extra_args(_args(tmp_path, optimizer_type="AdamW8bit"), None, None)
+    with pytest.raises(ConfigError, match="lambda_e > 0 with --gradient_checkpointing"):
+        trainer.assert_extra_args(_args(tmp_path, gradient_checkpointing=True), None, None)
+    with pytest.raises(ConfigError, match="--network_module must be lora2_train.kohya.network"):
+        trainer.assert_extra_args(_args(tmp_path, network_module="networks.lora"), None, None)
+    with pytest.raises(ConfigError, match="unknown key 'rank'"):
+        trainer.assert_extra_args(_args(tmp_path, network_args=["rank=4"]), None, None)
+    assert main(["--sd_scripts", str(tmp_path)]) == 2

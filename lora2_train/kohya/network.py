@@ -342,6 +342,16 @@ class KohyaLoRA2Network(LoRA2Network):
             summary += f"; {len(unexpected)} file modules not in this model (first: {unexpected[0]})"
         return summary
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also for state saved at other (ragged) ranks: sd-scripts' ``--resume`` restores the network
+        through accelerate with ``load_state_dict`` before the optimizer state, so every component is
+        first re-allocated in place at the saved rank (Parameter objects kept)."""
+        for key, layer in self.layers.items():
+            saved = state_dict.get(f"layers.{key}.lora_down")
+            if saved is not None and saved.shape[0] != layer.rank:
+                layer.resize(int(saved.shape[0]), self.optimizer, in_place=True)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     # ---- sd-scripts --base_weights ---------------------------------------------------------------
     def is_mergeable(self) -> bool:
         return True

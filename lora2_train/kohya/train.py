@@ -192,6 +192,7 @@ def main(argv=None) -> int:
     except SdScriptsError as e:
         return fail(str(e))
     parser = sdxl_train_network.setup_parser()
+    sys.argv = [sys.argv[0]] + argv  # sd-scripts re-reads sys.argv when it merges --config_file
     args = parser.parse_args(argv)
     train_util.verify_command_line_training_args(args)
     args = train_util.read_config_from_file(args, parser)
