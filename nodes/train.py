@@ -82,6 +82,8 @@ class TrainLoRA2:
                 "base_checkpoint": ([NONE] + _checkpoint_names(), {"default": NONE}),
                 "resume_from": ("STRING", {"default": "", "tooltip": "checkpoint.pt of an earlier run "
                                            "(embedded backend)"}),
+                "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "recompute UNet blocks in the "
+                                                       "backward pass: far less memory, about 30% more time"}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -90,7 +92,7 @@ class TrainLoRA2:
     def train(self, model, clip, vae, dataset_path, instance_prompt, steps, learning_rate, nu_learning_rate,
               r_init, r_max, r_target, q, lambda_r, lambda_e, seed, resolution, batch_size, target_modules,
               backend, output_name, images=None, captions="", sd_scripts_path="", python_path="",
-              base_checkpoint=NONE, resume_from="", unique_id=None):
+              base_checkpoint=NONE, resume_from="", gradient_checkpointing=False, unique_id=None):
         import folder_paths
 
         from lora2_train.config import LoRA2Config
@@ -102,7 +104,8 @@ class TrainLoRA2:
                              lambda_r=float(lambda_r), lambda_e=float(lambda_e), lr=float(learning_rate),
                              nu_lr=float(nu_learning_rate), steps=int(steps), batch_size=int(batch_size),
                              seed=int(seed), targets=target_modules,
-                             checkpoint_every=max(1, min(100, int(steps))))
+                             checkpoint_every=max(1, min(100, int(steps))),
+                             gradient_checkpointing=bool(gradient_checkpointing))
         lora_dir = folder_paths.get_folder_paths("loras")[0]
         out = output_path(lora_dir, output_name)
         if out.exists():
@@ -210,13 +213,15 @@ class TrainLoRA2:
             if ev.step == 1 or ev.resized or ev.step % config.resize_every == 0 or ev.step == ev.total:
                 history.append({"step": ev.step, "ranks": dict(ev.ranks), "loss": float(ev.loss)})
 
-        trainer = Trainer(_UNetCall(unet, dtype), network, data, config, schedule=schedule, out_dir=ckpt_dir,
+        unet_call = _UNetCall(unet, dtype)
+        trainer = Trainer(unet_call, network, data, config, schedule=schedule, out_dir=ckpt_dir,
                           callback=callback, should_stop=mm.processing_interrupted, device=device,
                           entropy_root=unet)
         try:
             with _autograd_attention(), _norm_inputs_copied(unet):
                 result = trainer.train(resume_from=resume_from or None)
         finally:
+            unet_call.disable_gradient_checkpointing()
             network.restore()
             _restore_flags(flags)
         stamp = {"lora2_steps": str(result.steps), "lora2_trained_with": "embedded"}
@@ -294,12 +299,40 @@ class TrainLoRA2:
 class _UNetCall:
     """ε̂ = diffusion_model(x_t, t, context, y) in the model's compute dtype, returned in float32."""
 
+    BLOCKS = ("BasicTransformerBlock", "ResBlock")
+
     def __init__(self, unet, dtype):
         self.unet, self.dtype = unet, dtype
+        self._patched = []
 
     def __call__(self, x_t, t, context, y):
         d = self.dtype
         return self.unet(x_t.to(d), t.float(), context=context.to(d), y=y.to(d)).float()
+
+    def enable_gradient_checkpointing(self):
+        """Run every transformer block and ResBlock under torch.utils.checkpoint (non-reentrant).  The block
+        gets a copy of its input: early-2024 blocks add residuals into it in place, which would otherwise
+        change the saved input before the recomputation."""
+        from torch.utils.checkpoint import checkpoint
+
+        for m in self.unet.modules():
+            if type(m).__name__ not in self.BLOCKS or "forward" in m.__dict__:
+                continue
+            orig = m.forward
+
+            def run(x, *args, _orig=orig, **kwargs):
+                return _orig(x.clone(), *args, **kwargs)
+
+            def forward(x, *args, _run=run, **kwargs):
+                return checkpoint(_run, x, *args, use_reentrant=False, **kwargs)
+
+            m.forward = forward
+            self._patched.append(m)
+
+    def disable_gradient_checkpointing(self):
+        for m in self._patched:
+            m.__dict__.pop("forward", None)
+        self._patched.clear()
 
 
 class _Run:

@@ -13,6 +13,10 @@ def test_embedded_training_on_a_comfyui_unet(comfyui_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     f = json.loads(r.stdout.strip().splitlines()[-1])
     assert f["schedule_matches"], "trainer noise schedule differs from ComfyUI's EPS model sampling"
+    # gradient checkpointing (UNet blocks recomputed in backward) trains the same adapter
+    assert f["ckpt_blocks"] == [7 + 11]  # the test UNet's 7 transformer blocks and 11 ResBlocks, wrapped once
+    assert f["ckpt_same_ranks"] and f["blocks_restored"]
+    assert f["ckpt_moved"] > 1e-3 and f["ckpt_diff"] <= 1e-3 * f["ckpt_moved"], (f["ckpt_diff"], f["ckpt_moved"])
     # the cached base model: same bytes, requires_grad flags as before (ComfyUI loads weights as inference
     # tensors; training swaps them for autograd-usable tensors holding the same bits)
     assert f["weights_identical"] and f["inference_before"]

@@ -96,6 +96,34 @@ import comfy.lora  # noqa: E402
 key_map = comfy.lora.model_lora_keys_unet(base, {})
 unmapped = [k for k in saved.modules if k not in key_map]
 
+# gradient checkpointing of the UNet blocks gives the same training run (same seed, same data)
+def two_steps(name, ckpt):
+    torch.manual_seed(1)
+    cfg = LoRA2Config(r_init=4, r_target=4, r_max=8, steps=2, resize_every=2, lr=1e-2, nu_lr=0.1,
+                      gradient_checkpointing=ckpt)
+    with torch.inference_mode(False), torch.enable_grad():
+        ad, _ = node._run_trainer(base, base.diffusion_model, data, cfg, output_path(loras, name),
+                                  torch.device("cpu"), "", train_mod._Run("9", 2))
+    return ad
+
+
+patched_counts = []
+_enable = train_mod._UNetCall.enable_gradient_checkpointing
+
+
+def _counting(self):
+    _enable(self)
+    patched_counts.append(len(self._patched))
+
+
+train_mod._UNetCall.enable_gradient_checkpointing = _counting
+plain, with_ckpt = two_steps("plain", False), two_steps("ckpt", True)
+ckpt_diff = max(float((plain.modules[k].up.float() - with_ckpt.modules[k].up.float()).abs().max())
+                for k in plain.modules)
+ckpt_moved = max(float(m.up.float().abs().max()) for m in plain.modules.values())
+blocks_restored = not any("forward" in m.__dict__ for m in base.diffusion_model.modules()
+                          if type(m).__name__ in ("BasicTransformerBlock", "ResBlock"))
+
 # cancel path: the Cancel button sets ComfyUI's interrupt flag while training runs
 config2 = LoRA2Config(r_init=4, r_target=4, r_max=8, steps=5, resize_every=2, lr=1e-3)
 out2 = output_path(loras, "inproc_cancel")
@@ -120,6 +148,8 @@ ckpt = os.path.join(work, "output", "lora2_checkpoints", "inproc_cancel", "check
 state = torch.load(ckpt, weights_only=True)
 print(json.dumps({
     "schedule_matches": schedule_matches,
+    "ckpt_same_ranks": plain.ranks() == with_ckpt.ranks(), "ckpt_diff": ckpt_diff, "ckpt_moved": ckpt_moved,
+    "blocks_restored": blocks_restored, "ckpt_blocks": patched_counts,
     "weights_identical": before == after == digest(base),
     "inference_before": inference_before,
     
