@@ -197,6 +197,10 @@ class TrainLoRA2:
 
         schedule = _schedule_of(base)
         dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+        if torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+            # a half-precision UNet: autocast to its dtype (and loss scaling for fp16), LoRA weights stay fp32
+            config.mixed_precision = "fp16" if dtype == torch.float16 else "bf16"
+            config.validate()
         ckpt_dir = _checkpoint_dir(out)
         _autograd_usable(unet)
         flags = [(p, p.requires_grad) for p in unet.parameters()]
