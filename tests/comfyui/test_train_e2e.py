@@ -23,9 +23,9 @@ PROJ = ("to_q", "to_k", "to_v", "to_out.0")
 
 @pytest.fixture
 def loras(comfyui):
-    """ComfyUI saves into the first folder of its ``loras`` list, its own models/loras; the files a test
-    writes there (names starting with the test's unique tag) are removed afterwards."""
-    folder = comfyui.comfy_dir / "models" / "loras"
+    """(the folder the node saves into, a unique name tag): ComfyUI saves into the first folder of its
+    ``loras`` list, the server's own models/loras; files starting with the tag are removed afterwards."""
+    folder = comfyui.dirs["loras"]
     tag = f"t{uuid.uuid4().hex[:8]}"
     yield folder, tag
     for p in folder.glob(f"{tag}*"):
