@@ -318,6 +318,7 @@ def test_resume_state_at_other_ranks_keeps_parameters_and_optimizer_state(small_
     fresh = make(small_unet, encoders, dim=8, r_max=16)
     try:
         ragged(net)
+        net.apply_to(encoders, small_unet)
         groups, _ = net.prepare_optimizer_params(None, 1e-3, 1e-3)
         opt = torch.optim.AdamW(groups, lr=1e-3)
         loss_of(small_unet, net).backward()
@@ -379,7 +380,8 @@ def test_trainer_extension_adds_reg_and_entropy_and_prints_progress(tmp_path, sm
     trainer = make_trainer_class(_TrainerBase)()
     args = _args(tmp_path)
     trainer.assert_extra_args(args, None, None)
-    net = make(small_unet, encoders, dim=8, lambda_e=0.1, lambda_r=2, resize_every=1, r_target=4, nu_lr=0.5)
+    net = make(small_unet, encoders, dim=8, lambda_e=0.1, lambda_r=2, resize_every=1, r_target=4, nu_lr=0.5,
+               rank_block=1)
     try:
         net.apply_to(encoders, small_unet)
         groups, _ = net.prepare_optimizer_params(None, 1e-3, 1e-3)
