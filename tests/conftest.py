@@ -20,10 +20,3 @@ def tiny_sdxl():
 def tiny_koala():
     torch.manual_seed(0)
     return SDXLUNet(reduced(koala_700m_config())).requires_grad_(False)
-
-
-def unet_inputs(unet, batch=2, size=8, tokens=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    c = unet.config
-    return (torch.randn(batch, c.in_channels, size, size, generator=g), torch.randint(0, 1000, (batch,), generator=g),
-            torch.randn(batch, tokens, c.context_dim, generator=g), torch.randn(batch, c.adm_in_channels, generator=g))

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import unet_inputs
+from tests_helpers import unet_inputs
 from lora2_train.config import ConfigError
 from lora2_train.format import AdapterFormatError, load_adapter
 from lora2_train.kohya import network as kn

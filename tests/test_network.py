@@ -8,7 +8,7 @@ from lora2_train.models import SDXLUNet, koala_700m_config, sdxl_config
 from lora2_train.network import LoRA2Network
 from tests_helpers import diffusers_sdxl_like, tiny_clip_text_model
 
-from conftest import unet_inputs
+from tests_helpers import unet_inputs
 
 ATTN_KEY = re.compile(
     r"^lora_unet_(input_blocks_\d+_1|middle_block_1|output_blocks_\d+_1)_transformer_blocks_\d+_attn[12]_(to_q|to_k|to_v|to_out_0)$")

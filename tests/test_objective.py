@@ -7,7 +7,7 @@ from lora2_train.config import LoRA2Config
 from lora2_train.network import LoRA2Network
 from lora2_train.objective import CrossAttentionEntropy, DDPMSchedule, attention_entropy
 
-from conftest import unet_inputs
+from tests_helpers import unet_inputs
 
 
 def test_ddpm_schedule_sdxl_values():

@@ -33,3 +33,11 @@ def tiny_clip_text_model(layers=2, width=32):
     torch.manual_seed(0)
     return CLIPTextModel(CLIPTextConfig(vocab_size=100, hidden_size=width, intermediate_size=2 * width,
                                         num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=16))
+
+
+def unet_inputs(unet, batch=2, size=8, tokens=8, seed=0):
+    """(x, timesteps, context, y) for an ldm-layout SDXL UNet, from a fixed seed."""
+    g = torch.Generator().manual_seed(seed)
+    c = unet.config
+    return (torch.randn(batch, c.in_channels, size, size, generator=g), torch.randint(0, 1000, (batch,), generator=g),
+            torch.randn(batch, tokens, c.context_dim, generator=g), torch.randn(batch, c.adm_in_channels, generator=g))
