@@ -95,6 +95,8 @@ def test_pad_and_merge_write_new_files_with_expected_ranks(comfyui_alive, small_
         "3": {"class_type": "LoRA2Merge", "inputs": dict(merge, mode="exact + SVD resize (rank)",
                                                          output_name="m_svd")},
         "4": {"class_type": "LoRA2Merge", "inputs": dict(merge, mode="pad-average", output_name="m_avg")},
+        "7": {"class_type": "LoRA2Merge", "inputs": dict(merge, mode="exact + SVD resize (energy)",
+                                                         output_name="m_energy")},
         "5": {"class_type": "LoRA2VisualizeRanks", "inputs": {"lora_name": "pair_a.safetensors",
                                                               "compare_with": "pair_b.safetensors",
                                                               "info": ["2", 1]}},
@@ -114,6 +116,9 @@ def test_pad_and_merge_write_new_files_with_expected_ranks(comfyui_alive, small_
                                rtol=1e-4, atol=1e-6)
     assert load_adapter(loras / "m_svd.safetensors").ranks() == {k: min(8, ra[k] + rb.get(k, 0)) for k in ra}
     assert load_adapter(loras / "m_avg.safetensors").ranks() == {k: max(ra[k], rb.get(k, 0)) for k in ra}
+    energy = load_adapter(loras / "m_energy.safetensors").ranks()  # smallest rank keeping 90 % of Σσ²
+    assert energy.keys() == exact.ranks().keys()
+    assert all(1 <= energy[k] <= exact.ranks()[k] for k in energy) and energy != exact.ranks()
     assert len(H.output_images(entry, "6")) == 1
 
     # the same names again: nothing is overwritten, the new files get a suffix
