@@ -303,12 +303,14 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
 
 
 def _all_finite(t: torch.Tensor) -> bool:
-    """NaN and ±Inf survive a sum (Inf − Inf = NaN); the wide accumulator cannot overflow on finite input.
+    """No NaN or ±Inf: aminmax propagates NaN, and ±Inf shows as the min or max.
 
-    (Orders of magnitude faster than ``isfinite`` on fp16 CPU tensors.)
+    (One vectorized pass; ``isfinite`` is two orders of magnitude slower on fp16 CPU tensors.)
     """
-    acc = torch.float64 if t.dtype in (torch.float32, torch.float64) else torch.float32
-    return math.isfinite(float(t.sum(dtype=acc)))
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
 def _check_entry(path: Path, key: str, info, data_len: int) -> None:
