@@ -79,6 +79,7 @@ def test_sd_scripts_checkout_names_and_loader(tmp_path):
     lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
     assert out.returncode == 0 and lines, out.stderr[-3000:]
     r = json.loads(lines[-1][len("RESULT "):])
+    print(r)
     # sd-scripts' networks.lora also wraps a few modules that are no LoRA² target (e.g. time embeddings in
     # resnets); every LoRA² name must be one of sd-scripts' names
     assert r["only_ours"] == [], r
