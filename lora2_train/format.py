@@ -123,7 +123,7 @@ def uniform_alpha(modules: dict[str, LoRAModule]) -> dict[str, LoRAModule]:
     out = {}
     for k, m in modules.items():
         factor = m.alpha / a
-        out[k] = m if factor == 1.0 else LoRAModule(m.down, (m.up.float() * factor).to(m.up.dtype), a)
+        out[k] = m if factor == 1.0 else LoRAModule(m.down, m.up * factor, a)  # fp32 arithmetic, one rounding
     return out
 
 

@@ -11,19 +11,28 @@ from __future__ import annotations
 import heapq
 import math
 
-from ..format import Adapter, LoRAModule, uniform_alpha, with_rank_metadata
+from ..format import Adapter, LoRAModule, with_rank_metadata
 from .svd import svd_ordered
 
 
-def keep_first(m: LoRAModule, k: int) -> LoRAModule:
-    """The first k positions, never keeping trailing zero positions (zero-padding is dropped)."""
+def live_rank(m: LoRAModule, k: int) -> int:
+    """min(k, r), less any trailing all-zero positions (zero-padding) among the first k."""
     k = min(k, m.rank)
     up, down = m.up.flatten(1), m.down.flatten(1)
     while k > 1 and not (bool(up[:, k - 1].any()) and bool(down[k - 1].any())):
         k -= 1
-    if k >= m.rank:
-        return m
-    return LoRAModule(m.down[:k].contiguous(), m.up[:, :k].contiguous(), m.alpha * k / m.rank)
+    return k
+
+
+def keep_first(m: LoRAModule, k: int, alpha: float | None = None) -> LoRAModule:
+    """The first k positions with alpha/rank unchanged; given `alpha`, the module carries that alpha
+    instead (up rescaled by (alpha_m·k/r)/alpha in the same pass that copies it)."""
+    k = live_rank(m, k)
+    kept_alpha = m.alpha * k / m.rank
+    down = m.down if k == m.rank else m.down[:k].contiguous()
+    if alpha is None or alpha == kept_alpha:
+        return m if k == m.rank else LoRAModule(down, m.up[:, :k].contiguous(), kept_alpha)
+    return LoRAModule(down, m.up[:, :k] * (kept_alpha / alpha), float(alpha))
 
 
 def position_scores(m: LoRAModule) -> list[float]:
@@ -76,6 +85,7 @@ def truncate(adapter: Adapter, max_rank: int | None = None, fraction: float | No
         ranks = {k: max(1, math.ceil(fraction * m.rank - 1e-9)) for k, m in modules.items()}
     else:
         ranks = budget_ranks(modules, int(params))
-    kept = {k: keep_first(m, ranks[k]) for k, m in modules.items()}
-    out = Adapter(uniform_alpha(kept), adapter.metadata, adapter.source)
+    ranks = {k: live_rank(m, ranks[k]) for k, m in modules.items()}
+    alpha = float(max(ranks.values()))  # one alpha for the file (see format.uniform_alpha)
+    out = Adapter({k: keep_first(m, ranks[k], alpha) for k, m in modules.items()}, adapter.metadata, adapter.source)
     return with_rank_metadata(out, lora2_order=order)
