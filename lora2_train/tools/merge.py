@@ -45,10 +45,22 @@ def check_compatible(adapters: list[Adapter], names: list[str]) -> None:
             shapes.setdefault(key, (n, m.weight_shape))
 
 
-def _exact(items: list[tuple[float, LoRAModule]]) -> LoRAModule:
-    down = torch.cat([m.down.float() for _, m in items], 0)
-    up = torch.cat([(w * m.scale) * m.up.float() for w, m in items], 1)
-    return LoRAModule(down, up, float(down.shape[0]))
+def _common_dtype(items) -> torch.dtype:
+    dtypes = {m.down.dtype for _, m in items} | {m.up.dtype for _, m in items}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _exact(items: list[tuple[float, LoRAModule]], alpha: float | None = None) -> LoRAModule:
+    """[A_1; A_2; …] and [w_1 s_1 B_1 | …]; given `alpha`, B is also scaled by rank/alpha (same pass).
+
+    Products are computed in fp32 (PyTorch's arithmetic for fp16/bf16) and rounded once to the inputs' dtype.
+    """
+    dt = _common_dtype(items)
+    down = torch.cat([m.down.to(dt) for _, m in items], 0)
+    rank = down.shape[0]
+    alpha = float(rank) if alpha is None else alpha
+    up = torch.cat([m.up.to(dt) * (w * m.scale * rank / alpha) for w, m in items], 1)
+    return LoRAModule(down, up, alpha)
 
 
 def _pad_average(items: list[tuple[float, LoRAModule]]) -> LoRAModule:
@@ -83,15 +95,17 @@ def merge(adapters: list[Adapter], weights: list[float] | None = None, mode: str
         check_resize_args(rank, energy)
     check_compatible(adapters, names)
     keys = list(dict.fromkeys(k for a in adapters for k in a.modules))
-    combine = _exact if mode == "exact" else _pad_average
+    recompress = rank is not None or energy is not None
+    groups = {key: [(float(w), a.modules[key]) for w, a in zip(weights, adapters) if key in a.modules] for key in keys}
+    # one alpha for the whole file (format.uniform_alpha), folded into the concatenation
+    alpha = None if recompress or mode != "exact" else float(max(sum(m.rank for _, m in g) for g in groups.values()))
     modules = {}
-    for key in keys:
-        items = [(float(w), a.modules[key]) for w, a in zip(weights, adapters) if key in a.modules]
+    for key, items in groups.items():
         if len({m.down.shape[1:] for _, m in items}) > 1:
             raise ValueError(f"key {key!r}: lora_down shapes {[tuple(m.down.shape) for _, m in items]} "
                              "differ beyond the rank (LoCon kernels of different sizes?)")
-        m = combine(items)
-        modules[key] = resize_module(m, rank, energy) if (rank is not None or energy is not None) else m
+        m = _exact(items, alpha) if mode == "exact" else _pad_average(items)
+        modules[key] = resize_module(m, rank, energy) if recompress else m
     base = next((a.metadata for a in adapters if _base_model(a)), adapters[0].metadata)
     meta = {k: v for k, v in base.items() if k.startswith(("ss_base_model", "modelspec.", "ss_network_module"))}
     order = "svd" if (rank is not None or energy is not None) else "none"
