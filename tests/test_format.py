@@ -103,3 +103,14 @@ def test_output_names_stay_inside_the_folder(tmp_path):
     for bad in ("../x", "/etc/x", "a/../../x", "", "..", "a\\..\\x"):
         with pytest.raises(ValueError, match="output name"):
             output_path(tmp_path, bad)
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    import os
+    from lora2_train.format import atomic_write_bytes
+    old = os.umask(0o022)
+    try:
+        p = atomic_write_bytes(tmp_path / "x.bin", b"data")
+    finally:
+        os.umask(old)
+    assert p.stat().st_mode & 0o777 == 0o644
