@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lora2_train import naming  # noqa: E402
 from lora2_train.planted import target_modules  # noqa: E402
 
 

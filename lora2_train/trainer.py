@@ -12,7 +12,6 @@ with Adam/AdamW, re-allocating every component at D(ν) every
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

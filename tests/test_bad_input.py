@@ -111,7 +111,7 @@ CASES = {
                   ["bad.safetensors", f"{Q}.diff", "full weight difference"]),
     "dora": (lambda t: write(_f(t), {**good(), f"{Q}.dora_scale": torch.randn(1, 6)}),
              ["bad.safetensors", "dora_scale", "DoRA"]),
-    "kohya_and_peft_mixed": (lambda t: write(_f(t), {**good(), f"unet.mid_block.attentions.0.proj_in.lora_A.weight":
+    "kohya_and_peft_mixed": (lambda t: write(_f(t), {**good(), "unet.mid_block.attentions.0.proj_in.lora_A.weight":
                                                      torch.randn(2, 6), "unet.mid_block.attentions.0.proj_in"
                                                      ".lora_B.weight": torch.randn(8, 2)}),
                              ["bad.safetensors", "mixes kohya"]),

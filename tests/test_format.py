@@ -2,7 +2,6 @@ import json
 
 import pytest
 import torch
-import torch.nn as nn
 from safetensors import safe_open
 
 from lora2_train.config import LoRA2Config

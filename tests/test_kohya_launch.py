@@ -5,7 +5,6 @@ prints the trainer extension's line protocol, so the launcher's side of the cont
 sd-scripts; tests/test_kohya_sd_scripts.py runs the real thing when SD_SCRIPTS_DIR is set.
 """
 import json
-import os
 import stat
 import sys
 import tomllib

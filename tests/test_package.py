@@ -1,10 +1,11 @@
 import ast
-import importlib.util
 import pathlib
 import subprocess
 import sys
 
 import pytest
+
+from tests_helpers import pack_module
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -12,16 +13,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture
 def pack():
     """The repository loaded as a package, the way ComfyUI loads a custom node folder."""
-    spec = importlib.util.spec_from_file_location("lora2_pack", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["lora2_pack"] = mod
-    try:
-        spec.loader.exec_module(mod)
+    with pack_module("lora2_pack") as mod:
         yield mod
-    finally:
-        for name in [m for m in sys.modules if m.startswith("lora2_pack")]:
-            sys.modules.pop(name)
 
 
 def test_pack_imports_outside_comfyui_as_a_package(pack):

@@ -1,27 +1,17 @@
 """Parts of the Train LoRA² node that need no ComfyUI: its declared inputs, the image-batch → folder hand-off to
 sd-scripts, and the progress history shape."""
-import importlib.util
-import pathlib
 import sys
 
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests_helpers import pack_module
 
 
 @pytest.fixture
 def train_mod():
-    spec = importlib.util.spec_from_file_location("lora2_pack_t", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["lora2_pack_t"] = mod
-    try:
-        spec.loader.exec_module(mod)
+    with pack_module("lora2_pack_t"):
         yield sys.modules["lora2_pack_t.nodes.train"]
-    finally:
-        for name in [m for m in sys.modules if m.startswith("lora2_pack_t")]:
-            sys.modules.pop(name)
 
 
 def test_inputs_cover_the_paper_hyperparameters_and_presets(train_mod):

@@ -1,4 +1,9 @@
-"""Third-party models built small with random weights, for naming and interop tests."""
+"""Third-party models built small with random weights, for naming and interop tests; the pack loader."""
+import contextlib
+import importlib.util
+import pathlib
+import sys
+
 import torch
 
 from lora2_train.models import SDXLUNet, UNetConfig
@@ -41,3 +46,18 @@ def unet_inputs(unet, batch=2, size=8, tokens=8, seed=0):
     c = unet.config
     return (torch.randn(batch, c.in_channels, size, size, generator=g), torch.randint(0, 1000, (batch,), generator=g),
             torch.randn(batch, tokens, c.context_dim, generator=g), torch.randn(batch, c.adm_in_channels, generator=g))
+
+
+@contextlib.contextmanager
+def pack_module(name: str = "lora2_pack"):
+    """The repository loaded as a package under `name`, the way ComfyUI loads a custom node folder."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        for m in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+            sys.modules.pop(m)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import os
 import re
 from pathlib import Path
@@ -42,7 +41,7 @@ from .. import rank as R
 from ..config import TARGET_GROUPS, ConfigError, LoRA2Config
 from ..format import (Adapter, AdapterFormatError, LoRAModule, adapter_from_network, adapter_state_dict,
                       atomic_write_bytes, load_adapter, save_adapter)
-from ..network import TARGET_PATTERNS, TE_GROUPS, UNET_GROUPS, LoRA2Network
+from ..network import TARGET_PATTERNS, TE_GROUPS, LoRA2Network
 from ..naming import TE_PREFIXES, UNET_PREFIX
 
 logger = logging.getLogger(__name__)

@@ -3,7 +3,6 @@ through the graph, and bad inputs that fail one prompt with a clear node error w
 import json
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
