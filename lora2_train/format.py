@@ -314,8 +314,8 @@ def _all_finite(t: torch.Tensor) -> bool:
 
     (One vectorized pass; ``isfinite`` is two orders of magnitude slower on fp16 CPU tensors.)
     """
-    if t.numel() == 0:
-        return True
+    if t.numel() <= 1:
+        return t.numel() == 0 or math.isfinite(float(t))
     lo, hi = torch.aminmax(t.reshape(-1))
     return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
