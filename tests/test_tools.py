@@ -270,3 +270,16 @@ def test_cli_round_trip_pad_truncate_merge_resize_inspect_plot(tmp_path, capsys)
     assert CONV in text and "8x6x3x3" in text and "fp16" in text
     assert cli.main(["plot", str(a), str(b), "-o", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_exact_merge_of_half_inputs_keeps_fp32_precision_and_leaves_inputs_alone():
+    def half(ad):
+        return Adapter({k: LoRAModule(m.down.half(), m.up.half(), m.alpha) for k, m in ad.modules.items()},
+                       ad.metadata)
+    a, b = half(ragged(0)), half(ragged(10, ranks=(7, 1, 2, 6)))
+    before = {k: m.up.clone() for k, m in a.modules.items()}
+    out = merge([a, b], weights=[1.0, 0.5])
+    for k in a.modules:
+        ref = a.modules[k].delta_weight() + 0.5 * b.modules[k].delta_weight()
+        torch.testing.assert_close(out.modules[k].delta_weight(), ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(a.modules[k].up, before[k])

@@ -45,21 +45,12 @@ def check_compatible(adapters: list[Adapter], names: list[str]) -> None:
             shapes.setdefault(key, (n, m.weight_shape))
 
 
-def _common_dtype(items) -> torch.dtype:
-    dtypes = {m.down.dtype for _, m in items} | {m.up.dtype for _, m in items}
-    return dtypes.pop() if len(dtypes) == 1 else torch.float32
-
-
 def _exact(items: list[tuple[float, LoRAModule]], alpha: float | None = None) -> LoRAModule:
-    """[A_1; A_2; …] and [w_1 s_1 B_1 | …]; given `alpha`, B is also scaled by rank/alpha (same pass).
-
-    Products are computed in fp32 (PyTorch's arithmetic for fp16/bf16) and rounded once to the inputs' dtype.
-    """
-    dt = _common_dtype(items)
-    down = torch.cat([m.down.to(dt) for _, m in items], 0)
+    """[A_1; A_2; …] and [w_1 s_1 B_1 | …] in fp32; given `alpha`, B is also scaled by rank/alpha (same pass)."""
+    down = torch.cat([m.down.float() for _, m in items], 0)
     rank = down.shape[0]
     alpha = float(rank) if alpha is None else alpha
-    up = torch.cat([m.up.to(dt) * (w * m.scale * rank / alpha) for w, m in items], 1)
+    up = torch.cat([m.up.float() * (w * m.scale * rank / alpha) for w, m in items], 1)
     return LoRAModule(down, up, alpha)
 
 
