@@ -117,8 +117,9 @@ def cmd_merge(args) -> int:
     from .tools import merge
     _check_output(args)
     adapters = _load_all(args.inputs)
+    from .format import DTYPES
     merged = merge(adapters, weights=args.weights, mode=args.mode, rank=args.rank, energy=args.energy,
-                   names=[str(p) for p in args.inputs])
+                   names=[str(p) for p in args.inputs], dtype=DTYPES[args.dtype or adapters[0].dtype_name()])
     return _save(merged, args, adapters)
 
 

@@ -176,8 +176,14 @@ def adapter_state_dict(adapter: Adapter, dtype: str | None = "fp16") -> dict[str
 
 
 def _atomic(path: str | os.PathLike, write, overwrite: bool) -> Path:
+    """Write to a temporary file beside `path`, then rename it over `path`: a reader never sees half a file.
+
+    When a file is replaced, the new data is flushed (fsync) before the rename, so a crash leaves either the
+    old file or the new one, never a truncated one.  A new name has nothing to lose, so it is not flushed.
+    """
     path = Path(path)
-    if path.exists() and not overwrite:
+    replacing = path.exists()
+    if replacing and not overwrite:
         raise FileExistsError(f"{path}: already exists (pass overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -185,8 +191,9 @@ def _atomic(path: str | os.PathLike, write, overwrite: bool) -> Path:
         os.close(fd)
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if replacing:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -202,7 +209,7 @@ def _umask() -> int:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = False) -> Path:
-    """Write via a temporary file in the same folder and rename: a reader never sees half a file."""
+    """Write via a temporary file in the same folder and rename (see :func:`_atomic`)."""
     def write(tmp):
         with open(tmp, "wb") as f:
             f.write(data)
@@ -281,7 +288,10 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
                                      f"(header length {n} but the file has {size} bytes)")
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+        text = raw.decode("utf-8")
+        header = json.loads(text)
+        if isinstance(header, dict) and text.count('"data_offsets"') != len(header) - ("__metadata__" in header):
+            json.loads(text, object_pairs_hook=_reject_duplicates)  # a key was collapsed: name it (slow path)
     except AdapterFormatError as e:
         raise AdapterFormatError(f"{path}: header has a {e}") from None
     except (UnicodeDecodeError, json.JSONDecodeError):

@@ -45,13 +45,24 @@ def check_compatible(adapters: list[Adapter], names: list[str]) -> None:
             shapes.setdefault(key, (n, m.weight_shape))
 
 
-def _exact(items: list[tuple[float, LoRAModule]], alpha: float | None = None) -> LoRAModule:
-    """[A_1; A_2; …] and [w_1 s_1 B_1 | …] in fp32; given `alpha`, B is also scaled by rank/alpha (same pass)."""
-    down = torch.cat([m.down.float() for _, m in items], 0)
+def _exact(items: list[tuple[float, LoRAModule]], alpha: float | None = None,
+           dtype: torch.dtype = torch.float32) -> LoRAModule:
+    """[A_1; A_2; …] and [w_1 s_1 B_1 | …] stored in `dtype`; given `alpha`, B is also scaled by rank/alpha.
+
+    Each product is computed in fp32 (PyTorch's arithmetic for fp16/bf16 too) and rounded once to `dtype`.
+    """
+    down = torch.cat([m.down.to(dtype) for _, m in items], 0)
     rank = down.shape[0]
     alpha = float(rank) if alpha is None else alpha
-    up = torch.cat([m.up.float() * (w * m.scale * rank / alpha) for w, m in items], 1)
+    up = torch.cat([_scaled(m.up, w * m.scale * rank / alpha, dtype) for w, m in items], 1)
     return LoRAModule(down, up, alpha)
+
+
+def _scaled(t: torch.Tensor, c: float, dtype: torch.dtype) -> torch.Tensor:
+    """c·t in `dtype`, multiplied in the wider of the two dtypes and rounded once."""
+    if t.dtype == dtype:
+        return t * c
+    return (t.to(torch.promote_types(t.dtype, dtype)) * c).to(dtype)
 
 
 def _pad_average(items: list[tuple[float, LoRAModule]]) -> LoRAModule:
@@ -65,11 +76,14 @@ def _pad_average(items: list[tuple[float, LoRAModule]]) -> LoRAModule:
 
 
 def merge(adapters: list[Adapter], weights: list[float] | None = None, mode: str = "exact",
-          rank: int | None = None, energy: float | None = None, names: list[str] | None = None) -> Adapter:
+          rank: int | None = None, energy: float | None = None, names: list[str] | None = None,
+          dtype: torch.dtype = torch.float32) -> Adapter:
     """Merge N ≥ 2 adapters module by module (a module missing from an adapter contributes nothing).
 
     weights default to 1 each for ``exact`` (the sum, as kohya's merge) and 1/N for ``pad-average``.
     `rank`/`energy` re-compress the exact merge by SVD (see :func:`lora2_train.tools.resize`).
+    `dtype`: what the exact merge's factors are stored in — the dtype they will be saved in, to skip a
+    round trip through fp32 (the products are computed in fp32 either way).
     """
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -95,7 +109,7 @@ def merge(adapters: list[Adapter], weights: list[float] | None = None, mode: str
         if len({m.down.shape[1:] for _, m in items}) > 1:
             raise ValueError(f"key {key!r}: lora_down shapes {[tuple(m.down.shape) for _, m in items]} "
                              "differ beyond the rank (LoCon kernels of different sizes?)")
-        m = _exact(items, alpha) if mode == "exact" else _pad_average(items)
+        m = _exact(items, alpha, dtype if not recompress else torch.float32) if mode == "exact" else _pad_average(items)
         modules[key] = resize_module(m, rank, energy) if recompress else m
     base = next((a.metadata for a in adapters if _base_model(a)), adapters[0].metadata)
     meta = {k: v for k, v in base.items() if k.startswith(("ss_base_model", "modelspec.", "ss_network_module"))}
