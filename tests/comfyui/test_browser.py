@@ -3,7 +3,8 @@ loads the example train→load→sample workflow, receives training progress and
 and the page logs no JavaScript error.  Driven over the Chrome DevTools protocol (a websocket).
 
 Needs a Chromium binary (Debian package ``chromium``); without one the test is skipped, saying so.
-``LORA2_SCREENSHOT=1`` also writes the screenshot to docs/comfyui_train_node.png.
+``LORA2_SCREENSHOT=1`` also writes the screenshots to docs/ (comfyui_train_node.png and one per other example
+workflow).
 """
 import asyncio
 import base64
@@ -109,7 +110,8 @@ def loader_output(node_id: int) -> str:
             f" api.dispatchEvent(new CustomEvent('executed', {{ detail: {json.dumps(detail)} }})); return true; }})()")
 
 
-async def drive(port: int, url: str, workflow: dict, shot: Path) -> dict:
+async def open_page(port: int, url: str, ws_session):
+    """A DevTools session on Chromium's page with ComfyUI loaded (app, graph, canvas and extensions ready)."""
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -121,24 +123,42 @@ async def drive(port: int, url: str, workflow: dict, shot: Path) -> dict:
             pass
         assert time.monotonic() < deadline, "Chromium's DevTools endpoint did not come up"
         await asyncio.sleep(0.3)
-    async with aiohttp.ClientSession() as s, s.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-        cdp = CDP(ws)
-        for domain in ("Runtime", "Log", "Page"):
-            await cdp.send(f"{domain}.enable")
-        await cdp.send("Emulation.setDeviceMetricsOverride", width=1600, height=1000, deviceScaleFactor=1,
-                       mobile=False)
-        await cdp.send("Page.navigate", url=url)
-        deadline = time.monotonic() + 120
-        while not await cdp.js("!!(window.app && window.app.graph && window.app.canvas && window.app.extensions)"):
-            assert time.monotonic() < deadline, f"ComfyUI page did not start; errors: {cdp.errors()}"
-            await asyncio.sleep(0.5)
-        found = {}
-        found["extensions"] = await cdp.js("app.extensions.map(e => e.name)")
-        await cdp.js(f"app.loadGraphData({json.dumps(workflow)})")
-        found["types"] = await cdp.js("app.graph._nodes.map(n => n.type)")
-        found["missing_dialog"] = await cdp.js(
-            "Array.from(document.querySelectorAll('.comfy-modal')).some(m => m.style.display !== 'none' && "
-            "/missing|not found/i.test(m.textContent))")
+    ws = await ws_session.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0)
+    cdp = CDP(ws)
+    for domain in ("Runtime", "Log", "Page"):
+        await cdp.send(f"{domain}.enable")
+    await cdp.send("Emulation.setDeviceMetricsOverride", width=1600, height=1000, deviceScaleFactor=1, mobile=False)
+    await cdp.send("Page.navigate", url=url)
+    deadline = time.monotonic() + 120
+    while not await cdp.js("!!(window.app && window.app.graph && window.app.canvas && window.app.extensions)"):
+        assert time.monotonic() < deadline, f"ComfyUI page did not start; errors: {cdp.errors()}"
+        await asyncio.sleep(0.5)
+    return cdp
+
+
+async def load_workflow(cdp, workflow: dict) -> dict:
+    found = {"extensions": await cdp.js("app.extensions.map(e => e.name)")}
+    await cdp.js(f"app.loadGraphData({json.dumps(workflow)})")
+    found["types"] = await cdp.js("app.graph._nodes.map(n => n.type)")
+    found["missing_dialog"] = await cdp.js(
+        "Array.from(document.querySelectorAll('.comfy-modal')).some(m => m.style.display !== 'none' && "
+        "/missing|not found/i.test(m.textContent))")
+    return found
+
+
+async def screenshot(cdp, shot: Path) -> None:
+    await cdp.js("(() => { app.graph.setDirtyCanvas(true, true); app.canvas.draw(true, true); return true; })()")
+    await asyncio.sleep(1.0)
+    await cdp.js("(() => { app.canvas.draw(true, true); return true; })()")
+    png = await cdp.send("Page.captureScreenshot", format="png")
+    shot.write_bytes(base64.b64decode(png["data"]))
+    await asyncio.sleep(0.5)
+
+
+async def drive(port: int, url: str, workflow: dict, shot: Path) -> dict:
+    async with aiohttp.ClientSession() as s:
+        cdp = await open_page(port, url, s)
+        found = await load_workflow(cdp, workflow)
         await cdp.js(progress_script(10, 40))
         await cdp.js(loader_output(30))
         found["train_state"] = await cdp.js(
@@ -148,36 +168,51 @@ async def drive(port: int, url: str, workflow: dict, shot: Path) -> dict:
             "(() => { const n = app.graph.getNodeById(30); return n.lora2 && {name: n.lora2.name, h: n.size[1]}; })()")
         # frame the training node and the loader, draw, screenshot
         await cdp.js("(() => { const ds = app.canvas.ds; ds.scale = 0.85; ds.offset[0] = 0; ds.offset[1] = -40;"
-                     " app.graph.setDirtyCanvas(true, true); app.canvas.draw(true, true); return true; })()")
-        await asyncio.sleep(1.0)
-        await cdp.js("(() => { app.canvas.draw(true, true); return true; })()")
-        png = await cdp.send("Page.captureScreenshot", format="png")
-        shot.write_bytes(base64.b64decode(png["data"]))
-        await asyncio.sleep(0.5)
+                     " return true; })()")
+        await screenshot(cdp, shot)
         found["errors"] = cdp.errors()
         cdp.reader.cancel()
+        await cdp.ws.close()
         return found
 
 
-def test_extension_draws_charts_without_js_errors(comfyui_alive, tmp_path):
+async def drive_plain(port: int, url: str, workflow: dict, shot: Path) -> dict:
+    """Load a workflow, fit it to the window, screenshot; what loaded and which errors the page logged."""
+    async with aiohttp.ClientSession() as s:
+        cdp = await open_page(port, url, s)
+        found = await load_workflow(cdp, workflow)
+        await cdp.js("(() => { const ds = app.canvas.ds; ds.scale = 0.9; ds.offset[0] = 20; ds.offset[1] = 20;"
+                     " return true; })()")
+        await screenshot(cdp, shot)
+        found["errors"] = cdp.errors()
+        cdp.reader.cancel()
+        await cdp.ws.close()
+        return found
+
+
+def run_chromium(tmp_path: Path, url: str, coro, workflow: dict, shot: Path) -> dict:
     exe = chromium()
     if exe is None:
         pytest.skip("no Chromium binary (install the Debian package 'chromium'); browser check not run")
-    workflow = json.loads(WORKFLOW.read_text())
     port = H.free_port()
     proc = subprocess.Popen([exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                              "--no-first-run", "--no-default-browser-check", f"--remote-debugging-port={port}",
                              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1600,1000", "about:blank"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        shot = tmp_path / "comfyui_train_node.png"
-        found = asyncio.run(drive(port, comfyui_alive.url, workflow, shot))
+        return asyncio.run(coro(port, url, workflow, shot))
     finally:
         proc.terminate()
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_extension_draws_charts_without_js_errors(comfyui_alive, tmp_path):
+    workflow = json.loads(WORKFLOW.read_text())
+    shot = tmp_path / "comfyui_train_node.png"
+    found = run_chromium(tmp_path, comfyui_alive.url, drive, workflow, shot)
     assert found["errors"] == [], found["errors"]
     assert "lora2.charts" in found["extensions"]
     assert {"LoRA2Train", "LoRA2LoadAdapter", "LoRA2VisualizeRanks"} <= set(found["types"])
@@ -189,3 +224,18 @@ def test_extension_draws_charts_without_js_errors(comfyui_alive, tmp_path):
     if os.environ.get("LORA2_SCREENSHOT"):
         (REPO / "docs").mkdir(exist_ok=True)
         shutil.copyfile(shot, REPO / "docs" / "comfyui_train_node.png")
+
+
+@pytest.mark.parametrize("name", ["lora2_load_and_sample", "lora2_visualize", "lora2_pad_and_merge"])
+def test_every_example_workflow_opens_without_js_errors(comfyui_alive, tmp_path, name):
+    workflow = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
+    shot = tmp_path / f"{name}.png"
+    found = run_chromium(tmp_path, comfyui_alive.url, drive_plain, workflow, shot)
+    assert found["errors"] == [], found["errors"]
+    assert "lora2.charts" in found["extensions"]
+    assert sorted(found["types"]) == sorted(n["type"] for n in workflow["nodes"])
+    assert not found["missing_dialog"]
+    assert shot.stat().st_size > 20_000
+    if os.environ.get("LORA2_SCREENSHOT"):
+        (REPO / "docs").mkdir(exist_ok=True)
+        shutil.copyfile(shot, REPO / "docs" / f"{name}.png")
