@@ -54,17 +54,17 @@ def random_adapter(shapes, lo, hi, seed) -> Adapter:
 
 def tool_runs(a_path: Path, b_path: Path, out: Path):
     def inspect():
-        inspect_adapter(load_adapter(a_path))
+        inspect_adapter(load_adapter(a_path, mapped=True))
 
     def pad_():
-        save_adapter(pad(load_adapter(a_path)), out, dtype=None, overwrite=True)
+        save_adapter(pad(load_adapter(a_path, mapped=True)), out, dtype=None, overwrite=True)
 
     def merge_():
-        merged = merge([load_adapter(a_path), load_adapter(b_path)], dtype=torch.float16)  # as the CLI does
+        merged = merge([load_adapter(a_path, mapped=True), load_adapter(b_path, mapped=True)], dtype=torch.float16)  # as the CLI does
         save_adapter(merged, out, dtype="fp16", overwrite=True)
 
     def truncate_():
-        save_adapter(truncate(load_adapter(a_path), fraction=0.5), out, dtype=None, overwrite=True)
+        save_adapter(truncate(load_adapter(a_path, mapped=True), fraction=0.5), out, dtype=None, overwrite=True)
 
     return {"inspect": (inspect, [a_path]), "pad": (pad_, [a_path]), "merge": (merge_, [a_path, b_path]),
             "truncate": (truncate_, [a_path])}

@@ -53,7 +53,7 @@ def _load_all(paths: list[str]):
     from tqdm import tqdm
 
     from .format import load_adapter
-    return [load_adapter(p) for p in tqdm(paths, desc="reading", unit="file", disable=None if len(paths) > 1 else True,
+    return [load_adapter(p, mapped=True) for p in tqdm(paths, desc="reading", unit="file", disable=None if len(paths) > 1 else True,
                                           leave=False)]
 
 

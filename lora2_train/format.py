@@ -262,8 +262,12 @@ def _reject_duplicates(pairs):
     return out
 
 
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(path: str | os.PathLike, mapped: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file, after checking its header against the file.
+
+    `mapped`: the tensors are views of a private memory map of the file instead of copies (one pass
+    less over the data; for short-lived processes such as the CLI — a file truncated in place while
+    mapped would fault).
 
     Refuses pickle files (never unpickled), truncated files, headers that are not JSON, repeat a
     key, or give a tensor a byte range that does not match its shape and dtype or lies past the
@@ -308,8 +312,11 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     for key, info in header.items():
         _check_entry(path, key, info, data_len)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {key: f.get_tensor(key) for key in header}
+        if mapped:
+            tensors = _mapped_tensors(path, header, 8 + n)
+        else:
+            with safe_open(str(path), framework="pt") as f:
+                tensors = {key: f.get_tensor(key) for key in header}
     except Exception as e:  # safetensors raises several types for a damaged file
         raise AdapterFormatError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
     for key, t in tensors.items():
@@ -317,6 +324,29 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             bad = "NaN" if bool(torch.isnan(t.float()).any()) else "Inf"
             raise AdapterFormatError(f"{path}: tensor {key!r} contains {bad} values")
     return tensors, meta
+
+
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
+
+
+def _mapped_tensors(path: Path, header: dict, start: int) -> dict[str, torch.Tensor]:
+    """Views of a copy-on-write map of the file (byte ranges already checked against its size)."""
+    import mmap
+
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    out = {}
+    for key, info in header.items():
+        dtype = _TORCH_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"dtype {info['dtype']} is not supported")
+        a, b = info["data_offsets"]
+        count = (b - a) // _ST_DTYPES[info["dtype"]]
+        flat = torch.frombuffer(buf, dtype=dtype, count=count, offset=start + a) if count else torch.empty(0, dtype=dtype)
+        out[key] = flat.reshape(info["shape"])
+    return out
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -361,15 +391,16 @@ def parse_json_metadata(path, meta: dict[str, str]) -> dict[str, object]:
     return out
 
 
-def load_adapter(path: str | os.PathLike) -> Adapter:
+def load_adapter(path: str | os.PathLike, mapped: bool = False) -> Adapter:
     """Read a LoRA safetensors file (kohya LoRA/LoCon, LoRA², diffusers/PEFT, LyCORIS LoCon).
 
     Ranks may differ per module.  A missing ``alpha`` means alpha = rank (kohya convention).
     Algorithms that are not one factor pair per module (LoHa, LoKr, full diff, …) are refused.
+    `mapped`: see :func:`read_safetensors`.
     """
     from .readers import normalize
 
-    tensors, meta = read_safetensors(path)
+    tensors, meta = read_safetensors(path, mapped=mapped)
     modules, source = normalize(path, tensors, meta)
     adapter = Adapter(modules, meta, source)
     _check_rank_metadata(path, adapter)

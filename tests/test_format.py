@@ -113,3 +113,18 @@ def test_written_files_get_the_usual_mode(tmp_path):
     finally:
         os.umask(old)
     assert p.stat().st_mode & 0o777 == 0o644
+
+
+def test_mapped_read_equals_copied_read_even_for_unaligned_tensors(tmp_path):
+    from safetensors.torch import save_file
+    from lora2_train.format import read_safetensors
+    m = "lora_unet_middle_block_1_transformer_blocks_0_attn1_to_q"
+    sd = {f"{m}.alpha": torch.tensor(3.0, dtype=torch.float16),  # 2 bytes: what follows is not 4-aligned
+          f"{m}.lora_down.weight": torch.randn(3, 5), f"{m}.lora_up.weight": torch.randn(7, 3).bfloat16()}
+    p = tmp_path / "u.safetensors"
+    save_file(sd, str(p))
+    copied, _ = read_safetensors(p)
+    mapped, _ = read_safetensors(p, mapped=True)
+    for k in sd:
+        assert mapped[k].dtype == copied[k].dtype and torch.equal(mapped[k], copied[k]), k
+    assert load_adapter(p, mapped=True).modules[m].alpha == 3.0
