@@ -311,6 +311,12 @@ def read_safetensors(path: str | os.PathLike, mapped: bool = False) -> tuple[dic
     data_len = size - 8 - n
     for key, info in header.items():
         _check_entry(path, key, info, data_len)
+    pos = 0  # the byte ranges tile the data: no overlap, no gap (as safetensors itself requires)
+    for key, info in sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
+        if info["data_offsets"][0] != pos:
+            raise AdapterFormatError(f"{path}: tensor {key!r} starts at byte {info['data_offsets'][0]}, "
+                                     f"expected {pos} (overlapping or gapped byte ranges)")
+        pos = info["data_offsets"][1]
     try:
         if mapped:
             tensors = _mapped_tensors(path, header, 8 + n)

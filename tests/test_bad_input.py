@@ -62,6 +62,9 @@ CASES = {
     "duplicate_header_key": (lambda t: raw(_f(t), '{"%s.alpha": %s, "%s.alpha": %s}' % (
         Q, json.dumps(entry("F32", [], 0, 4)), Q, json.dumps(entry("F32", [], 0, 4))), bytes(4)),
         ["bad.safetensors", "duplicate key", Q]),
+    "overlapping_ranges": (lambda t: raw(_f(t), {f"{Q}.alpha": entry("F32", [], 0, 4),
+                                                 f"{K}.alpha": entry("F32", [], 0, 4)}, bytes(4)),
+                           ["bad.safetensors", "overlapping"]),
     "unknown_dtype": (lambda t: raw(_f(t), {f"{Q}.alpha": entry("F17", [], 0, 4)}, bytes(4)),
                       ["bad.safetensors", Q, "F17"]),
     "negative_shape": (lambda t: raw(_f(t), {f"{Q}.alpha": entry("F32", [-1], 0, 4)}, bytes(4)),
