@@ -146,13 +146,19 @@ async def load_workflow(cdp, workflow: dict) -> dict:
     return found
 
 
-async def screenshot(cdp, shot: Path) -> None:
-    await cdp.js("(() => { app.graph.setDirtyCanvas(true, true); app.canvas.draw(true, true); return true; })()")
+async def finish(cdp, shot: Path, scale: float, x: float, y: float) -> list:
+    """Frame the canvas, draw, screenshot to `shot`; the errors the page logged; close the session."""
+    await cdp.js(f"(() => {{ const ds = app.canvas.ds; ds.scale = {scale}; ds.offset[0] = {x}; ds.offset[1] = {y};"
+                 " app.graph.setDirtyCanvas(true, true); app.canvas.draw(true, true); return true; })()")
     await asyncio.sleep(1.0)
     await cdp.js("(() => { app.canvas.draw(true, true); return true; })()")
     png = await cdp.send("Page.captureScreenshot", format="png")
     shot.write_bytes(base64.b64decode(png["data"]))
     await asyncio.sleep(0.5)
+    errors = cdp.errors()
+    cdp.reader.cancel()
+    await cdp.ws.close()
+    return errors
 
 
 async def drive(port: int, url: str, workflow: dict, shot: Path) -> dict:
@@ -166,13 +172,7 @@ async def drive(port: int, url: str, workflow: dict, shot: Path) -> dict:
             "step: n.lora2.step, blocks: Object.keys(n.lora2.blocks).length, h: n.size[1]}; })()")
         found["load_state"] = await cdp.js(
             "(() => { const n = app.graph.getNodeById(30); return n.lora2 && {name: n.lora2.name, h: n.size[1]}; })()")
-        # frame the training node and the loader, draw, screenshot
-        await cdp.js("(() => { const ds = app.canvas.ds; ds.scale = 0.85; ds.offset[0] = 0; ds.offset[1] = -40;"
-                     " return true; })()")
-        await screenshot(cdp, shot)
-        found["errors"] = cdp.errors()
-        cdp.reader.cancel()
-        await cdp.ws.close()
+        found["errors"] = await finish(cdp, shot, 0.85, 0, -40)  # the training node and the loader in view
         return found
 
 
@@ -181,12 +181,7 @@ async def drive_plain(port: int, url: str, workflow: dict, shot: Path) -> dict:
     async with aiohttp.ClientSession() as s:
         cdp = await open_page(port, url, s)
         found = await load_workflow(cdp, workflow)
-        await cdp.js("(() => { const ds = app.canvas.ds; ds.scale = 0.9; ds.offset[0] = 20; ds.offset[1] = 20;"
-                     " return true; })()")
-        await screenshot(cdp, shot)
-        found["errors"] = cdp.errors()
-        cdp.reader.cancel()
-        await cdp.ws.close()
+        found["errors"] = await finish(cdp, shot, 0.9, 20, 20)
         return found
 
 
