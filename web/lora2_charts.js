@@ -151,16 +151,21 @@ function drawBars(ctx, x, y, w, h, title, series, behind) {
   ctx.fillText("max " + fmt(max), right, y + 3);
 }
 
-function drawTrain(node, ctx) {
-  const st = node.lora2;
+// Room below the node's widgets, and the context saved and set for a status line: {top, x, w}.
+function beginPanel(node, ctx, color) {
   const top = widgetsBottom(node);
   ensureRoom(node, top);
-  const x = 8, w = node.size[0] - 16;
   ctx.save();
   ctx.font = "11px sans-serif";
   ctx.textAlign = "left";
   ctx.textBaseline = "top";
-  ctx.fillStyle = st && st.status === "interrupted" ? "#ef9a9a" : COLORS.text;
+  ctx.fillStyle = color;
+  return { top, x: 8, w: node.size[0] - 16 };
+}
+
+function drawTrain(node, ctx) {
+  const st = node.lora2;
+  const { top, x, w } = beginPanel(node, ctx, st && st.status === "interrupted" ? "#ef9a9a" : COLORS.text);
   let line = "LoRA²: waiting for training";
   if (st) {
     if (st.status === "interrupted") line = st.message || "cancelled";
@@ -177,14 +182,7 @@ function drawTrain(node, ctx) {
 function drawLoad(node, ctx) {
   const info = node.lora2;
   if (!info) return;
-  const top = widgetsBottom(node);
-  ensureRoom(node, top);
-  const x = 8, w = node.size[0] - 16;
-  ctx.save();
-  ctx.font = "11px sans-serif";
-  ctx.textAlign = "left";
-  ctx.textBaseline = "top";
-  ctx.fillStyle = COLORS.text;
+  const { top, x, w } = beginPanel(node, ctx, COLORS.text);
   const budget = info.full_num_parameters && info.full_num_parameters !== info.num_parameters;
   ctx.fillText(`${info.name}: ${fmtCount(info.num_parameters)} params` +
     (budget ? ` of ${fmtCount(info.full_num_parameters)} (budget)` : ""), x, top, w);
