@@ -24,13 +24,12 @@ def live_rank(m: LoRAModule, k: int) -> int:
     return k
 
 
-def keep_first(m: LoRAModule, k: int, alpha: float | None = None) -> LoRAModule:
-    """The first k positions with alpha/rank unchanged; given `alpha`, the module carries that alpha
-    instead (up rescaled by (alpha_m·k/r)/alpha in the same pass that copies it)."""
-    k = live_rank(m, k)
+def keep_first(m: LoRAModule, k: int, alpha: float) -> LoRAModule:
+    """The first k ≤ r positions, carrying `alpha`: up is rescaled by (alpha_m·k/r)/alpha in the pass that
+    copies it, so alpha/rank of the kept positions is unchanged."""
     kept_alpha = m.alpha * k / m.rank
     down = m.down if k == m.rank else m.down[:k].contiguous()
-    if alpha is None or alpha == kept_alpha:
+    if alpha == kept_alpha:
         return m if k == m.rank else LoRAModule(down, m.up[:, :k].contiguous(), kept_alpha)
     return LoRAModule(down, m.up[:, :k] * (kept_alpha / alpha), float(alpha))
 
