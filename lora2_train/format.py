@@ -22,6 +22,7 @@ import json
 import math
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,15 +163,21 @@ def with_rank_metadata(adapter: Adapter, **extra: str) -> Adapter:
     return Adapter(adapter.modules, meta, adapter.source)
 
 
-def adapter_state_dict(adapter: Adapter, dtype: str | None = "fp16") -> dict[str, torch.Tensor]:
-    """kohya tensors of an adapter; `dtype` None keeps each tensor's dtype.  alpha is always fp32."""
+def adapter_state_dict(adapter: Adapter, dtype: str | None = "fp16",
+                       contiguous: bool = True) -> dict[str, torch.Tensor]:
+    """kohya tensors of an adapter; `dtype` None keeps each tensor's dtype.  alpha is always fp32.
+
+    `contiguous` False leaves views as they are (a truncated module's ``up[:, :k]``) for consumers that
+    do not serialize them, such as ComfyUI's LoRA patches.
+    """
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     sd = {}
     for name, m in adapter.modules.items():
         dt = DTYPES[dtype] if dtype is not None else m.down.dtype
-        sd[f"{name}.lora_down.weight"] = m.down.detach().to("cpu", dt).contiguous()
-        sd[f"{name}.lora_up.weight"] = m.up.detach().to("cpu", dt).contiguous()
+        down, up = m.down.detach().to("cpu", dt), m.up.detach().to("cpu", dt)
+        sd[f"{name}.lora_down.weight"] = down.contiguous() if contiguous else down
+        sd[f"{name}.lora_up.weight"] = up.contiguous() if contiguous else up
         sd[f"{name}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
     return sd
 
@@ -271,7 +278,8 @@ def read_safetensors(path: str | os.PathLike, mapped: bool = False) -> tuple[dic
 
     Refuses pickle files (never unpickled), truncated files, headers that are not JSON, repeat a
     key, or give a tensor a byte range that does not match its shape and dtype or lies past the
-    end of the file, metadata values that are not strings, and non-finite floating-point tensors.
+    end of the file, metadata values that are not strings, non-finite floating-point tensors, and a
+    file that is replaced or rewritten while it is read.
     """
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -281,7 +289,8 @@ def read_safetensors(path: str | os.PathLike, mapped: bool = False) -> tuple[dic
         raise AdapterFormatError(f"{path}: only .safetensors adapters are read")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    size = path.stat().st_size
+    stamp = _stamp(path)
+    size = stamp[1]
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -311,22 +320,38 @@ def read_safetensors(path: str | os.PathLike, mapped: bool = False) -> tuple[dic
     data_len = size - 8 - n
     for key, info in header.items():
         _check_entry(path, key, info, data_len)
+    ordered = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
     pos = 0  # the byte ranges tile the data: no overlap, no gap (as safetensors itself requires)
-    for key, info in sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
+    for key, info in ordered:
         if info["data_offsets"][0] != pos:
             raise AdapterFormatError(f"{path}: tensor {key!r} starts at byte {info['data_offsets'][0]}, "
                                      f"expected {pos} (overlapping or gapped byte ranges)")
         pos = info["data_offsets"][1]
+    runs = _float_runs(ordered)
     try:
+        buf = _map(path)
         if mapped:
-            tensors = _mapped_tensors(path, header, 8 + n)
+            tensors = _mapped_tensors(buf, header, 8 + n)
+            bad_runs = _non_finite_runs(buf, runs, 8 + n)
         else:
-            with safe_open(str(path), framework="pt") as f:
-                tensors = {key: f.get_tensor(key) for key in header}
+            # The value scan runs over the mapped file in a second thread (one reduction per run, no GIL held)
+            # while this one copies the tensors out: the scan costs next to nothing on top of the copy.
+            # (safetensors maps the file as well, so a file truncated in place meanwhile faults either way.)
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                scan = pool.submit(_non_finite_runs, buf, runs, 8 + n)
+                with safe_open(str(path), framework="pt") as f:
+                    tensors = {key: f.get_tensor(key) for key in header}
+                bad_runs = scan.result()
+            del buf
     except Exception as e:  # safetensors raises several types for a damaged file
         raise AdapterFormatError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
-    for key, t in tensors.items():
-        if t.is_floating_point() and not _all_finite(t):
+    if _stamp(path) != stamp:
+        raise AdapterFormatError(f"{path}: the file was replaced or changed while it was read; load it again")
+    suspects = [k for i in bad_runs for k in runs[i][3]]  # then name the tensor; fp8 and the like one by one
+    suspects += [k for k, t in tensors.items() if t.is_floating_point() and header[k]["dtype"] not in _SCANNED]
+    for key in suspects:
+        t = tensors[key]
+        if not _all_finite(t):
             bad = "NaN" if bool(torch.isnan(t.float()).any()) else "Inf"
             raise AdapterFormatError(f"{path}: tensor {key!r} contains {bad} values")
     return tensors, meta
@@ -335,14 +360,53 @@ def read_safetensors(path: str | os.PathLike, mapped: bool = False) -> tuple[dic
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                  "BOOL": torch.bool}
+_SCANNED = ("F64", "F32", "F16", "BF16")  # float dtypes whose bytes are scanned in place (aminmax)
 
 
-def _mapped_tensors(path: Path, header: dict, start: int) -> dict[str, torch.Tensor]:
-    """Views of a copy-on-write map of the file (byte ranges already checked against its size)."""
+def _stamp(path: Path) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _map(path: Path):
+    """A copy-on-write memory map of the whole file (writable, so torch views of it need no copy)."""
     import mmap
 
     with open(path, "rb") as f:
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+
+def _float_runs(ordered) -> list[tuple[torch.dtype, int, int, list[str]]]:
+    """Maximal runs of adjacent tensors of one scanned float dtype: (dtype, first byte, end byte, keys).
+
+    safetensors writers group tensors by dtype, so a file has about one run per dtype.
+    """
+    runs: list = []
+    for key, info in ordered:
+        if info["dtype"] not in _SCANNED:
+            continue
+        dtype = _TORCH_DTYPES[info["dtype"]]
+        a, b = info["data_offsets"]
+        if runs and runs[-1][0] == dtype and runs[-1][2] == a:
+            runs[-1][2] = b
+            runs[-1][3].append(key)
+        else:
+            runs.append([dtype, a, b, [key]])
+    return [tuple(r) for r in runs]
+
+
+def _non_finite_runs(buf, runs, start: int) -> list[int]:
+    """Indices of the runs whose values include a NaN or ±Inf (one aminmax per run over the file's bytes)."""
+    bad = []
+    for i, (dtype, a, b, _) in enumerate(runs):
+        count = (b - a) // dtype.itemsize
+        if count and not _all_finite(torch.frombuffer(buf, dtype=dtype, count=count, offset=start + a)):
+            bad.append(i)
+    return bad
+
+
+def _mapped_tensors(buf, header: dict, start: int) -> dict[str, torch.Tensor]:
+    """Views of the mapped file (byte ranges already checked against its size)."""
     out = {}
     for key, info in header.items():
         dtype = _TORCH_DTYPES.get(info["dtype"])
@@ -362,6 +426,8 @@ def _all_finite(t: torch.Tensor) -> bool:
     """
     if t.numel() <= 1:
         return t.numel() == 0 or math.isfinite(float(t))
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        t = t.float()  # fp8 and the like
     lo, hi = torch.aminmax(t.reshape(-1))
     return math.isfinite(float(lo)) and math.isfinite(float(hi))
 

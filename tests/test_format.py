@@ -128,3 +128,69 @@ def test_mapped_read_equals_copied_read_even_for_unaligned_tensors(tmp_path):
     for k in sd:
         assert mapped[k].dtype == copied[k].dtype and torch.equal(mapped[k], copied[k]), k
     assert load_adapter(p, mapped=True).modules[m].alpha == 3.0
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+def test_non_finite_values_are_found_at_any_position_in_any_float_dtype(tmp_path, mapped):
+    """The value scan reads whole runs of same-dtype tensors; whatever the run layout, it names the bad tensor."""
+    from safetensors.torch import save_file
+    from lora2_train.format import read_safetensors
+    g = torch.Generator().manual_seed(0)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    sd = {f"t{i:02d}_{str(dt)[6:]}": torch.randn(int(torch.randint(1, 9, (1,), generator=g)),
+                                                 int(torch.randint(1, 40, (1,), generator=g)), generator=g).to(dt)
+          for i, dt in enumerate(dtypes * 4)}
+    sd["odd_fp16_scalar"] = torch.tensor(1.0, dtype=torch.float16)  # 2 bytes: leaves what follows unaligned
+    sd["ints"] = torch.arange(7, dtype=torch.int16)
+    clean = tmp_path / "clean.safetensors"
+    save_file(sd, str(clean))
+    got, _ = read_safetensors(clean, mapped=mapped)
+    assert all(torch.equal(got[k], v) for k, v in sd.items())
+    cases = 0
+    for key, t in sd.items():
+        if not t.is_floating_point():
+            continue
+        for value in (float("nan"), float("inf"), float("-inf")):
+            bad = t.clone().reshape(-1)
+            bad[int(torch.randint(0, bad.numel(), (1,), generator=g))] = value
+            p = tmp_path / f"bad_{cases}.safetensors"
+            save_file({**sd, key: bad.reshape(t.shape)}, str(p))
+            word = "NaN" if value != value else "Inf"
+            with pytest.raises(AdapterFormatError, match=rf"bad_{cases}\.safetensors: tensor '{key}' contains {word}"):
+                read_safetensors(p, mapped=mapped)
+            cases += 1
+    assert cases == 17 * 3
+
+
+def test_fp8_tensors_are_checked_too(tmp_path):
+    from safetensors.torch import save_file
+    from lora2_train.format import read_safetensors
+    t = torch.randn(4, 8).to(torch.float8_e4m3fn)
+    save_file({"a": t}, str(tmp_path / "ok.safetensors"))
+    assert read_safetensors(tmp_path / "ok.safetensors")[0]["a"].dtype == torch.float8_e4m3fn
+    bad = t.clone()
+    bad.view(torch.uint8)[1, 2] = 0x7F  # e4m3fn NaN
+    save_file({"a": bad}, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(AdapterFormatError, match="nan.safetensors: tensor 'a' contains NaN"):
+        read_safetensors(tmp_path / "nan.safetensors")
+
+
+def test_a_file_replaced_while_it_is_read_is_refused(tmp_path, monkeypatch):
+    """The header, the value scan and the tensors must all come from one file: a swap in between is an error."""
+    from safetensors.torch import save_file
+    import lora2_train.format as fmt
+    p = tmp_path / "a.safetensors"
+    save_file({"x": torch.ones(3)}, str(p))
+    real_open = fmt.safe_open
+
+    def swapping_open(name, **kw):
+        q = tmp_path / "b.safetensors"
+        save_file({"x": torch.full((3,), 2.0)}, str(q))
+        q.replace(p)  # another program saves a new version under the same name mid-read
+        return real_open(name, **kw)
+
+    monkeypatch.setattr(fmt, "safe_open", swapping_open)
+    with pytest.raises(AdapterFormatError, match="a.safetensors: the file was replaced or changed while it was read"):
+        fmt.read_safetensors(p)
+    monkeypatch.setattr(fmt, "safe_open", real_open)
+    assert fmt.read_safetensors(p)[0]["x"].tolist() == [2.0, 2.0, 2.0]
