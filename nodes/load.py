@@ -78,21 +78,13 @@ def check_keys(adapter, key_map: dict, model, clip, source: str) -> None:
                          f"model/CLIP{hint}: {_list(unmapped)}")
     roots = [r for r in (model.model if model is not None else None,
                          clip.cond_stage_model if clip is not None else None) if r is not None]
-
-    def weight_shape(key):
-        for root in roots:
-            try:
-                return tuple(root.get_parameter(key).shape)
-            except AttributeError:
-                continue
-        return None
-
+    found: dict = {}
     bad = []
     for k, m in adapter.modules.items():
         target = key_map[k]
         if not isinstance(target, str):  # (key, offset…): part of a fused weight
             continue
-        shape = weight_shape(target)
+        shape = _weight_shape(roots, target, found)
         if shape is None:
             continue
         if shape[0] != m.out_features or math.prod(shape) != math.prod(m.weight_shape):
@@ -100,6 +92,32 @@ def check_keys(adapter, key_map: dict, model, clip, source: str) -> None:
     if bad:
         raise ValueError(f"{source}: {len(bad)} LoRA keys do not fit the model's weights (another base model?): "
                          f"{_list(bad, 4)}")
+
+
+def _weight_shape(roots, name: str, found: dict):
+    """Shape of parameter `name` of the first root that has it (None if none does).
+
+    Submodules are looked up through ``_modules`` with the parents already found remembered in `found`:
+    ``get_parameter`` walks the whole path with ``getattr`` for each of hundreds of keys.
+    """
+    path, _, leaf = name.rpartition(".")
+    for i, root in enumerate(roots):
+        module = _submodule(root, path, found, i)
+        p = module._parameters.get(leaf) if module is not None else None
+        if p is not None:
+            return tuple(p.shape)
+    return None
+
+
+def _submodule(root, path: str, found: dict, tag: int):
+    if not path:
+        return root
+    key = (tag, path)
+    if key not in found:
+        parent_path, _, name = path.rpartition(".")
+        parent = _submodule(root, parent_path, found, tag)
+        found[key] = parent._modules.get(name) if parent is not None else None
+    return found[key]
 
 
 def patch_with_adapter(model, clip, adapter, strength_model: float, strength_clip: float, source: str = "adapter"):
@@ -110,7 +128,7 @@ def patch_with_adapter(model, clip, adapter, strength_model: float, strength_cli
 
     key_map = lora_key_map(model, clip)
     check_keys(adapter, key_map, model, clip, source)
-    sd = adapter_state_dict(adapter, None)
+    sd = adapter_state_dict(adapter, None, contiguous=False)  # ComfyUI multiplies views as they are
     patches = comfy.lora.load_lora(sd, {k: key_map[k] for k in adapter.modules})
     new_model, new_clip = model, clip
     if model is not None and strength_model != 0:

@@ -25,12 +25,12 @@ def live_rank(m: LoRAModule, k: int) -> int:
 
 
 def keep_first(m: LoRAModule, k: int, alpha: float) -> LoRAModule:
-    """The first k ≤ r positions, carrying `alpha`: up is rescaled by (alpha_m·k/r)/alpha in the pass that
-    copies it, so alpha/rank of the kept positions is unchanged."""
+    """The first k ≤ r positions, carrying `alpha`: up is rescaled by (alpha_m·k/r)/alpha, so alpha/rank of
+    the kept positions is unchanged.  Without a rescale the factors are views of `m`'s (writers copy them)."""
     kept_alpha = m.alpha * k / m.rank
-    down = m.down if k == m.rank else m.down[:k].contiguous()
+    down = m.down if k == m.rank else m.down[:k]
     if alpha == kept_alpha:
-        return m if k == m.rank else LoRAModule(down, m.up[:, :k].contiguous(), kept_alpha)
+        return m if k == m.rank else LoRAModule(down, m.up[:, :k], kept_alpha)
     return LoRAModule(down, m.up[:, :k] * (kept_alpha / alpha), float(alpha))
 
 
