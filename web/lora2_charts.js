@@ -132,6 +132,8 @@ function drawBars(ctx, x, y, w, h, title, series, behind) {
   ctx.font = "9px sans-serif";
   ctx.textAlign = "center";
   ctx.textBaseline = "top";
+  const widest = Math.max(...labels.map((b) => ctx.measureText(b).width)) + 3;
+  const every = Math.max(1, Math.ceil(widest / slot)); // label every n-th bar so that labels never overlap
   labels.forEach((b, i) => {
     const cx = left + slot * (i + 0.5);
     if (behind && behind[b] !== undefined) {
@@ -142,7 +144,7 @@ function drawBars(ctx, x, y, w, h, title, series, behind) {
     const hv = (series[b] / max) * (bot - top);
     ctx.fillStyle = COLORS.bar;
     ctx.fillRect(cx - bw / 2 + (behind ? bw * 0.2 : 0), bot - hv, bw * (behind ? 0.6 : 1), hv);
-    if (slot > 18 || i % Math.ceil(18 / slot) === 0) {
+    if (i % every === 0) {
       ctx.fillStyle = COLORS.dim;
       ctx.fillText(b, cx, bot + 2);
     }
