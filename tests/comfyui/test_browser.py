@@ -37,8 +37,8 @@ def chromium() -> str | None:
 class CDP:
     """Minimal Chrome DevTools protocol client: commands by id, events collected in order."""
 
-    def __init__(self, ws):
-        self.ws, self.next_id, self.events, self.pending = ws, 0, [], {}
+    def __init__(self, ws, origin: str):
+        self.ws, self.origin, self.next_id, self.events, self.pending = ws, origin, 0, [], {}
         self.reader = asyncio.ensure_future(self._read())
 
     async def _read(self):
@@ -65,9 +65,10 @@ class CDP:
             raise AssertionError(f"page script failed: {json.dumps(r['exceptionDetails'])[:2000]}")
         return r["result"].get("value")
 
-    def errors(self):
+    def errors(self, start=0, end=None):
+        """The errors the page logged among events[start:end], less failed requests to other hosts (offline)."""
         out = []
-        for e in self.events:
+        for e in self.events[start:end]:
             m, p = e["method"], e.get("params", {})
             if m == "Runtime.exceptionThrown":
                 d = p["exceptionDetails"]
@@ -75,8 +76,11 @@ class CDP:
             elif m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
                 out.append("console.error: " + " ".join(str(a.get("value", a.get("description", ""))) for a in p["args"]))
             elif m == "Log.entryAdded" and p["entry"].get("level") == "error":
-                if p["entry"].get("url", "").endswith("/favicon.ico"):  # the browser's own request; ComfyUI has none
+                url = p["entry"].get("url", "")
+                if url.endswith("/favicon.ico"):  # the browser's own request; ComfyUI has none
                     continue
+                if url.startswith(("http://", "https://")) and not url.startswith(self.origin):
+                    continue  # a newer frontend polls comfy.org; test machines are offline
                 out.append(f"log: {p['entry'].get('text')} {p['entry'].get('url', '')}")
         return out
 
@@ -124,7 +128,7 @@ async def open_page(port: int, url: str, ws_session):
         assert time.monotonic() < deadline, "Chromium's DevTools endpoint did not come up"
         await asyncio.sleep(0.3)
     ws = await ws_session.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0)
-    cdp = CDP(ws)
+    cdp = CDP(ws, url.rstrip("/"))
     for domain in ("Runtime", "Log", "Page"):
         await cdp.send(f"{domain}.enable")
     await cdp.send("Emulation.setDeviceMetricsOverride", width=1600, height=1000, deviceScaleFactor=1, mobile=False)
@@ -133,6 +137,8 @@ async def open_page(port: int, url: str, ws_session):
     while not await cdp.js("!!(window.app && window.app.graph && window.app.canvas && window.app.extensions)"):
         assert time.monotonic() < deadline, f"ComfyUI page did not start; errors: {cdp.errors()}"
         await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)
+    cdp.started = len(cdp.events)  # events before this one belong to the page's start-up
     return cdp
 
 
@@ -147,7 +153,8 @@ async def load_workflow(cdp, workflow: dict) -> dict:
 
 
 async def finish(cdp, shot: Path, scale: float, x: float, y: float) -> list:
-    """Frame the canvas, draw, screenshot to `shot`; the errors the page logged; close the session."""
+    """Frame the canvas, draw, screenshot to `shot`; the errors the page logged (during its start-up, and
+    after it); close the session."""
     await cdp.js(f"(() => {{ const ds = app.canvas.ds; ds.scale = {scale}; ds.offset[0] = {x}; ds.offset[1] = {y};"
                  " app.graph.setDirtyCanvas(true, true); app.canvas.draw(true, true); return true; })()")
     await asyncio.sleep(1.0)
@@ -155,7 +162,7 @@ async def finish(cdp, shot: Path, scale: float, x: float, y: float) -> list:
     png = await cdp.send("Page.captureScreenshot", format="png")
     shot.write_bytes(base64.b64decode(png["data"]))
     await asyncio.sleep(0.5)
-    errors = cdp.errors()
+    errors = {"startup": cdp.errors(0, cdp.started), "after": cdp.errors(cdp.started)}
     cdp.reader.cancel()
     await cdp.ws.close()
     return errors
@@ -185,6 +192,15 @@ async def drive_plain(port: int, url: str, workflow: dict, shot: Path) -> dict:
         return found
 
 
+def our_errors(errors: dict) -> list:
+    """Errors to fail on: all of them with the pinned ComfyUI.  With another ComfyUI ($LORA2_COMFYUI_DIR), the
+    frontend's own start-up errors (seen there without this pack too, e.g. probing user files or settings)
+    count only when they name this pack; everything after start-up counts."""
+    if not os.environ.get("LORA2_COMFYUI_DIR"):
+        return errors["startup"] + errors["after"]
+    return [e for e in errors["startup"] if "lora2" in e.lower()] + errors["after"]
+
+
 def run_chromium(tmp_path: Path, url: str, coro, workflow: dict, shot: Path) -> dict:
     exe = chromium()
     if exe is None:
@@ -208,7 +224,7 @@ def test_extension_draws_charts_without_js_errors(comfyui_alive, tmp_path):
     workflow = json.loads(WORKFLOW.read_text())
     shot = tmp_path / "comfyui_train_node.png"
     found = run_chromium(tmp_path, comfyui_alive.url, drive, workflow, shot)
-    assert found["errors"] == [], found["errors"]
+    assert our_errors(found["errors"]) == [], found["errors"]
     assert "lora2.charts" in found["extensions"]
     assert {"LoRA2Train", "LoRA2LoadAdapter", "LoRA2VisualizeRanks"} <= set(found["types"])
     assert not found["missing_dialog"]
@@ -226,7 +242,7 @@ def test_every_example_workflow_opens_without_js_errors(comfyui_alive, tmp_path,
     workflow = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
     shot = tmp_path / f"{name}.png"
     found = run_chromium(tmp_path, comfyui_alive.url, drive_plain, workflow, shot)
-    assert found["errors"] == [], found["errors"]
+    assert our_errors(found["errors"]) == [], found["errors"]
     assert "lora2.charts" in found["extensions"]
     assert sorted(found["types"]) == sorted(n["type"] for n in workflow["nodes"])
     assert not found["missing_dialog"]
