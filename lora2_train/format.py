@@ -320,7 +320,7 @@ def read_safetensors(path: str | os.PathLike, mapped: bool = False) -> tuple[dic
     data_len = size - 8 - n
     for key, info in header.items():
         _check_entry(path, key, info, data_len)
-    ordered = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    ordered = sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"]))  # empty tensors first
     pos = 0  # the byte ranges tile the data: no overlap, no gap (as safetensors itself requires)
     for key, info in ordered:
         if info["data_offsets"][0] != pos:

@@ -194,3 +194,23 @@ def test_a_file_replaced_while_it_is_read_is_refused(tmp_path, monkeypatch):
         fmt.read_safetensors(p)
     monkeypatch.setattr(fmt, "safe_open", real_open)
     assert fmt.read_safetensors(p)[0]["x"].tolist() == [2.0, 2.0, 2.0]
+
+
+def test_empty_tensors_sharing_an_offset_read_back(tmp_path):
+    """An empty tensor has the byte range [x, x]; beside a tensor starting at x the ranges still tile, whatever
+    order the header lists them in (here: by name, so a16 [44, 50] comes before z_empty [44, 44])."""
+    from safetensors.torch import save_file
+    from lora2_train.format import read_safetensors
+    sd = {"a_empty": torch.zeros(0, 4), "b": torch.randn(2, 3), "c_empty": torch.zeros(3, 0), "d": torch.randn(5),
+          "a16": torch.randn(3).half(), "z_empty": torch.zeros(0)}
+    save_file(sd, str(tmp_path / "data_order.safetensors"))
+    raw = (tmp_path / "data_order.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True).encode()
+    header += b" " * (-len(header) % 8)
+    (tmp_path / "e.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + n:])
+    with safe_open(str(tmp_path / "e.safetensors"), "pt") as f:  # a valid file for safetensors itself
+        assert list(f.keys()) and torch.equal(f.get_tensor("a16"), sd["a16"])
+    for mapped in (False, True):
+        got, _ = read_safetensors(tmp_path / "e.safetensors", mapped=mapped)
+        assert all(got[k].shape == v.shape and torch.equal(got[k], v) for k, v in sd.items())
