@@ -1,13 +1,15 @@
 """The planted-rank task (spec §7): a teacher whose per-component ranks are known.
 
-teacher = base UNet with W_ℓ ← W_ℓ + ΔW_ℓ, where ΔW_ℓ = σ · U_ℓ V_ℓᵀ has exactly
-rank r_ℓ (U, V with orthonormal columns, every direction of equal strength σ).
+teacher = base UNet with W_ℓ ← W_ℓ + g_ℓ·ΔW_ℓ, where ΔW_ℓ = σ · U_ℓ V_ℓᵀ has exactly
+rank r_ℓ (U, V with orthonormal columns, every direction of equal strength σ) and the
+optional gain g_ℓ makes every planted direction move the model output equally.
 A LoRA distilling the teacher on random latents and conditioning should give
 more rank to components with more planted rank.
 """
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 import torch.nn as nn
@@ -16,6 +18,8 @@ from . import naming
 from .network import target_pattern
 
 PLANTED_LEVELS = (0, 2, 4, 8, 16, 32, 64)
+#: planted rank as a fraction of the smallest dimension of the component pair it goes into
+PLANTED_FRACTIONS = (0.0, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 
 
 def target_modules(unet: nn.Module, groups=("attn1", "attn2")) -> dict[str, nn.Linear]:
@@ -37,6 +41,38 @@ def plan_ranks(modules: dict[str, nn.Linear], seed: int = 0, levels=PLANTED_LEVE
     return plan
 
 
+def attention_unit(key: str) -> str:
+    """The pair a component belongs to: to_v/to_out.0 → '…_vo', to_q/to_k → '…_qk'.
+
+    Attention sees its projections only through the per-head products W_oW_v and W_qᵀW_k,
+    so a change planted in one member of a pair can be partly absorbed by the other.
+    """
+    return re.sub(r"to_(q|k)$", "qk", re.sub(r"to_(v|out_0)$", "vo", key))
+
+
+def plan_pair_ranks(modules: dict[str, nn.Linear], seed: int = 0, fractions=PLANTED_FRACTIONS,
+                    planted=("vo",)) -> dict[str, int]:
+    """Planted ranks per attention pair (both members get the same rank), relative to the pair's shape.
+
+    Each pair whose kind is in `planted` draws a fraction from `fractions` (evenly spread, shuffled);
+    its rank is round(fraction · smallest in/out dimension of the pair), so with fractions below 1
+    it never reaches a layer's full rank.  Components of the other pairs get rank 0.
+    """
+    units: dict[str, list[str]] = {}
+    for k in sorted(modules):
+        units.setdefault(attention_unit(k), []).append(k)
+    chosen = sorted(u for u in units if u.endswith(planted))
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(chosen), generator=g).tolist()
+    plan = {k: 0 for k in modules}
+    for i, idx in enumerate(order):
+        keys = units[chosen[idx]]
+        dim = min(min(modules[k].in_features, modules[k].out_features) for k in keys)
+        for k in keys:
+            plan[k] = int(round(fractions[i % len(fractions)] * dim))
+    return plan
+
+
 @torch.no_grad()
 def planted_delta(module: nn.Linear, r: int, strength: float, generator: torch.Generator) -> torch.Tensor:
     """ΔW = σ·U Vᵀ of rank r; σ = strength · ‖W‖_F / √min(in, out) (the size of an average direction of W)."""
@@ -50,15 +86,53 @@ def planted_delta(module: nn.Linear, r: int, strength: float, generator: torch.G
 
 
 @torch.no_grad()
-def make_teacher(unet: nn.Module, plan: dict[str, int], strength: float = 1.0, seed: int = 0) -> nn.Module:
-    """A deep copy of `unet` with the planted ΔW added to every planned component."""
+def planted_deltas(modules: dict[str, nn.Linear], plan: dict[str, int], strength: float = 1.0,
+                   seed: int = 0) -> dict[str, torch.Tensor]:
+    """ΔW of every planned component (drawn in sorted key order from one generator seeded `seed + 1`)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    return {key: planted_delta(modules[key], plan[key], strength, g) for key in sorted(plan)}
+
+
+@torch.no_grad()
+def make_teacher(unet: nn.Module, plan: dict[str, int], strength: float = 1.0, seed: int = 0,
+                 gains: dict[str, float] | None = None) -> nn.Module:
+    """A deep copy of `unet` with the planted ΔW added to every planned component (times `gains[key]`)."""
     teacher = copy.deepcopy(unet)
     mods = target_modules(teacher)
-    g = torch.Generator().manual_seed(seed + 1)
-    for key in sorted(plan):
-        mods[key].weight += planted_delta(mods[key], plan[key], strength, g)
+    for key, delta in planted_deltas(mods, plan, strength, seed).items():
+        mods[key].weight += (1.0 if gains is None else gains.get(key, 1.0)) * delta
     teacher.requires_grad_(False)
     return teacher
+
+
+@torch.no_grad()
+def balanced_gains(unet: nn.Module, plan: dict[str, int], run, strength: float = 1.0, seed: int = 0,
+                   max_gain: float = 4.0) -> dict[str, float]:
+    """Per-pair gains that make every planted direction move the model output equally.
+
+    For each attention pair u with planted rank r_u > 0, the pair alone is planted and
+    e_u = mean‖run(teacher_u) − run(unet)‖² / r_u is its output change per direction (r_u: the
+    largest planted rank in the pair).  The output change is quadratic in ΔW for small ΔW, so
+    gain_u = √(ē / e_u) (ē: geometric mean over pairs, gains clipped to [1/max_gain, max_gain])
+    equalizes it; `run(model)` evaluates a model on fixed probe inputs.
+    """
+    ref = run(unet)
+    deltas = planted_deltas(target_modules(unet), plan, strength, seed)
+    units: dict[str, list[str]] = {}
+    for k in sorted(plan):
+        if plan[k] > 0:
+            units.setdefault(attention_unit(k), []).append(k)
+    per_dir = {}
+    for u, keys in units.items():
+        model = copy.deepcopy(unet)
+        mods = target_modules(model)
+        for k in keys:
+            mods[k].weight += deltas[k]
+        per_dir[u] = max(float((run(model) - ref).square().mean()), 1e-30) / max(plan[k] for k in keys)
+    if not per_dir:
+        return {}
+    mean = torch.tensor(list(per_dir.values()), dtype=torch.float64).log().mean().exp().item()
+    return {k: min(max((mean / per_dir[u]) ** 0.5, 1 / max_gain), max_gain) for u, keys in units.items() for k in keys}
 
 
 class RandomConditioning:
@@ -92,17 +166,3 @@ def spearman(a, b) -> float:
     ra, rb = ra - ra.mean(), rb - rb.mean()
     den = (ra.norm() * rb.norm()).item()
     return float((ra @ rb).item() / den) if den > 0 else 0.0
-
-
-@torch.no_grad()
-def sharpen_attention(unet: nn.Module, factor: float = 3.0) -> nn.Module:
-    """Scale every to_q and to_k weight by `factor` (logits by factor²).
-
-    Random-init attention is nearly uniform, so changes of q/k barely move the
-    output and q/k ranks would be unidentifiable; trained SDXL attention is
-    peaked.  Sharpening the random base makes every planted component matter.
-    """
-    for path, m in unet.named_modules():
-        if path.endswith(("to_q", "to_k")) and isinstance(m, nn.Linear):
-            m.weight.mul_(factor)
-    return unet

@@ -18,8 +18,11 @@ def run(script, *args):
 
 def test_planted_ranks_quick():
     res = run("planted_ranks.py", "--quick")
-    for key in ("spearman", "lora2_params", "lora2_mse", "fixed", "noreg_params", "params_ratio_vs_largest_fixed"):
+    for key in ("spearman", "spearman_planted", "base_mse", "lora2_params", "lora2_mse", "fixed", "noreg_params",
+                "params_ratio_vs_largest_fixed"):
         assert key in res
+    assert res["components"] == 40 and res["base_mse"] > 0
+    assert set(res["lora2_mean_rank_by_planted"]) == {"0", "1", "4", "8", "16", "32"}  # 1/64 … 1/2 of 64
     assert set(res["fixed"]) == {"4", "16"}
     assert -1.0 <= res["spearman"] <= 1.0
     assert res["fixed"]["16"]["params"] > res["fixed"]["4"]["params"]

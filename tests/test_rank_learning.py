@@ -46,3 +46,58 @@ def test_learned_rank_follows_planted_rank_in_one_layer():
     assert all(r <= 8 for r in learned[:3]), learned
     assert spearman(planted[2:], learned[2:]) >= 0.9, learned  # above r_target, more planted → more learned
     assert learned[-1] >= 32, learned  # a rank-32 target grows far beyond r_init = 8
+
+
+def _small_unet():
+    from lora2_train.models import SDXLUNet, reduced, sdxl_config
+    torch.manual_seed(0)
+    cfg = reduced(sdxl_config(), model_channels=16, context_dim=32, head_channels=8, depth=(0, 0, 1), middle=-2)
+    return SDXLUNet(cfg).requires_grad_(False)
+
+
+def test_pair_plan_plants_cross_attention_value_output_pairs_below_full_rank():
+    from lora2_train.planted import attention_unit, plan_pair_ranks, target_modules
+    mods = target_modules(_small_unet())
+    fractions = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
+    plan = plan_pair_ranks(mods, fractions=fractions, planted=("attn2_vo",))
+    assert set(plan) == set(mods)
+    pairs = {}
+    for k, r in plan.items():
+        if r:
+            assert k.endswith(("attn2_to_v", "attn2_to_out_0")), k
+            assert r < min(mods[k].in_features, mods[k].out_features), (k, r)
+            pairs.setdefault(attention_unit(k), set()).add(r)
+    assert len(pairs) == 5 and all(len(v) == 1 for v in pairs.values()), pairs  # both members share a rank
+    # every fraction used; attn2 pairs have smallest dimension 32 (to_v: 32 → 128)
+    assert {r for v in pairs.values() for r in v} == {round(f * 32) for f in fractions}
+
+
+def test_balanced_gains_equalize_output_change_per_direction():
+    import copy
+
+    from lora2_train.planted import (RandomConditioning, attention_unit, balanced_gains, plan_pair_ranks,
+                                     planted_deltas, target_modules)
+    unet = _small_unet()
+    mods = target_modules(unet)
+    plan = plan_pair_ranks(mods, fractions=(1 / 16, 1 / 8, 1 / 4, 1 / 2), planted=("attn2_vo",))
+    b = RandomConditioning(4, 8, 32, 64, tokens=6).sample(4, torch.Generator().manual_seed(1))
+    t = torch.tensor([10, 300, 600, 900])
+
+    def run(m):
+        return m(b["latents"], t, **b["cond"])
+
+    gains = balanced_gains(unet, plan, run)
+    deltas, ref = planted_deltas(mods, plan), run(unet)
+
+    def spread(g):
+        per_dir = []
+        for u in {attention_unit(k) for k in plan if plan[k]}:
+            m = copy.deepcopy(unet)
+            for k, mod in target_modules(m).items():
+                if attention_unit(k) == u:
+                    mod.weight += g.get(k, 1.0) * deltas[k]
+            per_dir.append(float((run(m) - ref).square().mean()) / plan[f"{u[:-3]}_to_v"])
+        return max(per_dir) / min(per_dir)
+
+    assert spread({}) > 2.0  # unbalanced, pairs differ a lot in how much each direction shows
+    assert spread(gains) < 1.3
