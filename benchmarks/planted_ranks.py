@@ -157,6 +157,7 @@ def main():
     plan = lora2["plan"]
     equal = fixed_params_at_mse(fixed, lora2["mse"])
     largest = fixed[max(fixed)]
+    best = min(fixed.values(), key=lambda v: v["mse"])  # the fixed rank with the lowest error
     dominated = any(v["params"] <= lora2["params"] and v["mse"] < lora2["mse"] for v in fixed.values())
     print_result({
         "benchmark": "planted_ranks", "quick": args.quick, "steps": opts["steps"], "components": len(plan),
@@ -172,6 +173,8 @@ def main():
         "fixed": {str(r): {"params": v["params"], "mse": float(f"{v['mse']:.4g}")} for r, v in fixed.items()},
         "params_ratio_vs_fixed_at_equal_mse": round(equal / lora2["params"], 3) if equal else None,
         "params_ratio_vs_largest_fixed": round(largest["params"] / lora2["params"], 3),
+        "params_ratio_vs_best_fixed": round(best["params"] / lora2["params"], 3),
+        "best_fixed_mse_vs_lora2": round(best["mse"] / lora2["mse"], 3),
         "params_ratio_vs_rank512_at_equal_mse": None,
         "lora2_dominated_by_a_fixed_rank": dominated,
         "seconds": round(time.perf_counter() - t0, 1),

@@ -19,7 +19,7 @@ def run(script, *args):
 def test_planted_ranks_quick():
     res = run("planted_ranks.py", "--quick")
     for key in ("spearman", "spearman_planted", "base_mse", "lora2_params", "lora2_mse", "fixed", "noreg_params",
-                "params_ratio_vs_largest_fixed"):
+                "params_ratio_vs_largest_fixed", "params_ratio_vs_best_fixed", "best_fixed_mse_vs_lora2"):
         assert key in res
     assert res["components"] == 40 and res["base_mse"] > 0
     assert set(res["lora2_mean_rank_by_planted"]) == {"0", "1", "4", "8", "16", "32"}  # 1/64 … 1/2 of 64
