@@ -16,12 +16,17 @@ from .svd import svd_ordered
 
 
 def live_rank(m: LoRAModule, k: int) -> int:
-    """min(k, r), less any trailing all-zero positions (zero-padding) among the first k."""
+    """min(k, r), less any trailing all-zero positions (zero-padding) among the first k.
+
+    Position k−1 is checked on its own first (the usual case: nothing to drop); only when it is dead are
+    the first k positions scanned at once for the last live one.
+    """
     k = min(k, m.rank)
-    up, down = m.up.flatten(1), m.down.flatten(1)
-    while k > 1 and not (bool(up[:, k - 1].any()) and bool(down[k - 1].any())):
-        k -= 1
-    return k
+    up, down = m.up.flatten(1)[:, :k], m.down.flatten(1)[:k]
+    if k <= 1 or (bool(up[:, -1].any()) and bool(down[-1].any())):
+        return k
+    live = (up.ne(0).any(0) & down.ne(0).any(1)).nonzero()
+    return int(live[-1]) + 1 if live.numel() else 1
 
 
 def keep_first(m: LoRAModule, k: int, alpha: float) -> LoRAModule:
