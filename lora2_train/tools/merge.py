@@ -94,13 +94,13 @@ def merge(adapters: list[Adapter], weights: list[float] | None = None, mode: str
         weights = [1.0 if mode == "exact" else 1.0 / len(adapters)] * len(adapters)
     if len(weights) != len(adapters):
         raise ValueError(f"--weights has {len(weights)} values for {len(adapters)} adapters")
-    if rank is not None or energy is not None:
+    recompress = rank is not None or energy is not None
+    if recompress:
         if mode != "exact":
             raise ValueError("--rank/--energy re-compress an exact merge; they do not apply to pad-average")
         check_resize_args(rank, energy)
     check_compatible(adapters, names)
     keys = list(dict.fromkeys(k for a in adapters for k in a.modules))
-    recompress = rank is not None or energy is not None
     groups = {key: [(float(w), a.modules[key]) for w, a in zip(weights, adapters) if key in a.modules] for key in keys}
     # one alpha for the whole file (format.uniform_alpha), folded into the concatenation
     alpha = None if recompress or mode != "exact" else float(max(sum(m.rank for _, m in g) for g in groups.values()))
@@ -113,6 +113,6 @@ def merge(adapters: list[Adapter], weights: list[float] | None = None, mode: str
         modules[key] = resize_module(m, rank, energy) if recompress else m
     base = next((a.metadata for a in adapters if _base_model(a)), adapters[0].metadata)
     meta = {k: v for k, v in base.items() if k.startswith(("ss_base_model", "modelspec.", "ss_network_module"))}
-    order = "svd" if (rank is not None or energy is not None) else "none"
+    order = "svd" if recompress else "none"
     merged = json.dumps({"mode": mode, "weights": weights, "inputs": names, "rank": rank, "energy": energy})
     return with_rank_metadata(Adapter(uniform_alpha(modules), meta, "lora2"), lora2_order=order, lora2_merge=merged)
