@@ -50,6 +50,14 @@ def attention_unit(key: str) -> str:
     return re.sub(r"to_(q|k)$", "qk", re.sub(r"to_(v|out_0)$", "vo", key))
 
 
+def attention_units(keys) -> dict[str, list[str]]:
+    """Pair name (:func:`attention_unit`) → its component keys, in sorted key order."""
+    units: dict[str, list[str]] = {}
+    for k in sorted(keys):
+        units.setdefault(attention_unit(k), []).append(k)
+    return units
+
+
 def plan_pair_ranks(modules: dict[str, nn.Linear], seed: int = 0, fractions=PLANTED_FRACTIONS,
                     planted=("vo",)) -> dict[str, int]:
     """Planted ranks per attention pair (both members get the same rank), relative to the pair's shape.
@@ -58,9 +66,7 @@ def plan_pair_ranks(modules: dict[str, nn.Linear], seed: int = 0, fractions=PLAN
     its rank is round(fraction · smallest in/out dimension of the pair), so with fractions below 1
     it never reaches a layer's full rank.  Components of the other pairs get rank 0.
     """
-    units: dict[str, list[str]] = {}
-    for k in sorted(modules):
-        units.setdefault(attention_unit(k), []).append(k)
+    units = attention_units(modules)
     chosen = sorted(u for u in units if u.endswith(planted))
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(chosen), generator=g).tolist()
@@ -118,10 +124,7 @@ def balanced_gains(unet: nn.Module, plan: dict[str, int], run, strength: float =
     """
     ref = run(unet)
     deltas = planted_deltas(target_modules(unet), plan, strength, seed)
-    units: dict[str, list[str]] = {}
-    for k in sorted(plan):
-        if plan[k] > 0:
-            units.setdefault(attention_unit(k), []).append(k)
+    units = attention_units(k for k in plan if plan[k] > 0)
     per_dir = {}
     for u, keys in units.items():
         model = copy.deepcopy(unet)
