@@ -361,6 +361,7 @@ _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float1
                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                  "BOOL": torch.bool}
 _SCANNED = ("F64", "F32", "F16", "BF16")  # float dtypes whose bytes are scanned in place (aminmax)
+_REDUCIBLE = tuple(_TORCH_DTYPES[d] for d in _SCANNED)  # the torch dtypes aminmax takes as they are
 
 
 def _stamp(path: Path) -> tuple[int, int, int, int]:
@@ -426,7 +427,7 @@ def _all_finite(t: torch.Tensor) -> bool:
     """
     if t.numel() <= 1:
         return t.numel() == 0 or math.isfinite(float(t))
-    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if t.dtype not in _REDUCIBLE:
         t = t.float()  # fp8 and the like
     lo, hi = torch.aminmax(t.reshape(-1))
     return math.isfinite(float(lo)) and math.isfinite(float(hi))
