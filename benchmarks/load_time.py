@@ -32,20 +32,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "comfyui"))
 
 import comfyui_harness as H  # noqa: E402
 from adapters import random_adapter, ragged_ranks, trainer_keys  # noqa: E402
-
-
-def load_pack():
-    """This repository as ComfyUI loads a custom node folder (a package under its own name)."""
-    spec = importlib.util.spec_from_file_location("comfyui_lora2", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["comfyui_lora2"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from tests_helpers import pack_module  # noqa: E402
 
 
 def load_comfy_nodes(comfy_dir: Path):
@@ -56,7 +48,8 @@ def load_comfy_nodes(comfy_dir: Path):
     return mod
 
 
-def main():
+def main(pack):
+    """`pack`: this repository loaded as ComfyUI loads a custom node folder."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="attn1 of 2 blocks, ranks 8…32, 3 repeats")
@@ -86,7 +79,6 @@ def main():
     folder_paths.folder_names_and_paths["loras"] = ([tmp], {".safetensors"})
     folder_paths.filename_list_cache.pop("loras", None) if hasattr(folder_paths, "filename_list_cache") else None
 
-    pack = load_pack()
     ours_cls = pack.NODE_CLASS_MAPPINGS["LoRA2LoadAdapter"]
     stock_cls = load_comfy_nodes(comfy_dir).LoraLoader
 
@@ -147,4 +139,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with pack_module("comfyui_lora2") as pack:
+        main(pack)
