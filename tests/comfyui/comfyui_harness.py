@@ -133,8 +133,7 @@ class ComfyUIServer:
     """One ComfyUI process with private folders; every interaction goes over HTTP."""
 
     def __init__(self, comfy_dir: Path, workdir: Path, checkpoints_dir: Path | None = None,
-                 repo: Path = REPO_ROOT, extra_args: tuple = ()):
-        self.extra_args = list(extra_args)
+                 repo: Path = REPO_ROOT):
         self.workdir = Path(workdir)
         # a private copy of the (small) ComfyUI tree: its models/, user/ and custom_nodes/ folders, where
         # nodes may write, belong to this server alone and never to the shared cache
@@ -166,7 +165,7 @@ class ComfyUIServer:
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--extra-model-paths-config", str(self.paths_yaml),
                "--output-directory", str(self.dirs["output"]), "--input-directory", str(self.dirs["input"]),
-               "--temp-directory", str(self.dirs["temp"]), "--preview-method", "none", *self.extra_args]
+               "--temp-directory", str(self.dirs["temp"]), "--preview-method", "none"]
         env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -195,16 +194,6 @@ class ComfyUIServer:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
-
-    def peak_rss_gb(self) -> float | None:
-        """Peak resident memory of the server process so far (Linux), in GiB."""
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**20
-        except (OSError, AttributeError):
-            pass
-        return None
 
     def log_tail(self, chars: int = 6000) -> str:
         try:
