@@ -10,12 +10,19 @@ surviving positions (new positions start at zero state).
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import rank as R
+
+
+def row_seed(seed: int, name: str, start: int) -> int:
+    """Seed of the A rows a component draws from position `start` on: a function of the run's seed,
+    the component's name and the position only."""
+    return (int(seed) * 1_000_003 + zlib.crc32(f"{name}:{start}".encode())) % (2 ** 63)
 
 
 class AdaptiveLoRA(nn.Module):
@@ -28,7 +35,7 @@ class AdaptiveLoRA(nn.Module):
     """
 
     def __init__(self, name: str, base: nn.Module, r_init: int, q: float, r_max: int,
-                 r_min: int = 1, block: int = 4, scale: float = 1.0):
+                 r_min: int = 1, block: int = 4, scale: float = 1.0, seed: int = 0):
         super().__init__()
         if isinstance(base, nn.Linear):
             self.kind = "linear"
@@ -51,6 +58,7 @@ class AdaptiveLoRA(nn.Module):
         r0 = max(min(r_init, self.r_max), r_min)
         self.multiplier = 1.0
         self.scale = scale
+        self.seed = int(seed)
         self._base = [base]  # a list hides it from nn.Module registration
         self._base_forward = None
         # Λ handed over by LoRA2Network before each model call; valid while ρ is unchanged
@@ -61,7 +69,7 @@ class AdaptiveLoRA(nn.Module):
         self.rho = nn.Parameter(torch.tensor(self._rho_for_rank(r0), dtype=torch.float32))
         self.register_buffer("lam_scale", torch.tensor(float(r0)), persistent=True)
         w = base.weight
-        self.lora_down = nn.Parameter(self._init_down(r0, w.device))
+        self.lora_down = nn.Parameter(self._init_down(0, r0, w.device))
         self.lora_up = nn.Parameter(torch.zeros(self._up_shape(r0), device=w.device))
 
     # ---- shapes -------------------------------------------------------------------------------
@@ -71,11 +79,17 @@ class AdaptiveLoRA(nn.Module):
     def _up_shape(self, d):
         return (self.out_dim, d) if self.kind == "linear" else (self.out_dim, d, 1, 1)
 
-    def _init_down(self, n, device):
-        """Kaiming-uniform(a=√5) rows, as standard LoRA initializes A: U(−1/√fan_in, 1/√fan_in)."""
+    def _init_down(self, start, n, device):
+        """Rows start…start+n−1 of A, Kaiming-uniform(a=√5) as standard LoRA: U(−1/√fan_in, 1/√fan_in).
+
+        Drawn on the CPU from a generator seeded by (run seed, component name, start), never from
+        the global RNG: the same seed gives the same initial and grown rows in every run and on
+        every process of a multi-process run.
+        """
         fan_in = self.in_dim * int(math.prod(self.kernel or (1,)))
         bound = 1.0 / math.sqrt(fan_in)
-        return torch.empty(self._down_shape(n), device=device).uniform_(-bound, bound)
+        g = torch.Generator().manual_seed(row_seed(self.seed, self.name, start))
+        return torch.empty(self._down_shape(n)).uniform_(-bound, bound, generator=g).to(device)
 
     @property
     def base(self) -> nn.Module:
@@ -195,19 +209,21 @@ class AdaptiveLoRA(nn.Module):
         down = self.lora_down.data
         up = self.lora_up.data
         if new_rank > old:
-            new_down = torch.cat([down, self._init_down(new_rank - old, dev).to(down.dtype)], 0)
+            new_down = torch.cat([down, self._init_down(old, new_rank - old, dev).to(down.dtype)], 0)
             pad = torch.zeros(self._up_shape(new_rank - old), device=dev, dtype=up.dtype)
             new_up = torch.cat([up * ratio, pad], 1)
         else:
             new_down = down[:keep].clone()
             new_up = (up[:, :keep] * ratio).clone()
         self._resize_param("lora_down", new_down, 0, keep, optimizer, in_place)
-        self._resize_param("lora_up", new_up, 1, keep, optimizer, in_place)
+        # B' = ratio·B and Λ' = Λ/ratio: the gradient of every kept column of B' is 1/ratio of B's,
+        # so its Adam moments follow (first ×1/ratio, second ×1/ratio²) and the next step is unchanged
+        self._resize_param("lora_up", new_up, 1, keep, optimizer, in_place, grad_scale=1.0 / ratio)
         self._lam_cache = None
         return True
 
     def _resize_param(self, name: str, new: torch.Tensor, dim: int, keep: int, optimizer,
-                      in_place: bool = False) -> None:
+                      in_place: bool = False, grad_scale: float = 1.0) -> None:
         """Re-allocate one parameter at its new shape, in the module and in the optimizer, carrying state.
 
         Default: a fresh Parameter (rather than ``p.data = …``) keeps autograd sound while an
@@ -217,7 +233,7 @@ class AdaptiveLoRA(nn.Module):
         old = getattr(self, name)
         opt = getattr(optimizer, "optimizer", optimizer)  # accelerate / wrappers expose .optimizer
         state = opt.state.get(old) if opt is not None else None
-        carried = self._carry_state(state, old.shape, new, dim, keep, opt) if state else None
+        carried = self._carry_state(state, old.shape, new, dim, keep, opt, grad_scale) if state else None
         if in_place:
             # set_data keeps the autograd accumulator (and its cached shape) unless the dtype changes;
             # an old graph still alive (the last loss) would hand it to the next forward: pass through
@@ -241,8 +257,12 @@ class AdaptiveLoRA(nn.Module):
             state.update(carried)
             opt.state[param] = state
 
-    def _carry_state(self, state: dict, old_shape, new: torch.Tensor, dim: int, keep: int, opt) -> dict:
+    def _carry_state(self, state: dict, old_shape, new: torch.Tensor, dim: int, keep: int, opt,
+                     grad_scale: float = 1.0) -> dict:
         """Optimizer state at the new shape: surviving positions copied, new positions zero.
+
+        ``grad_scale``: factor by which the kept positions' gradients change with the resize;
+        gradient moments follow it (``exp_avg``, ``momentum_buffer`` ×s; ``*_sq`` ×s²).
 
         Only per-element float state (Adam/AdamW moments, SGD momentum, …) can be carried;
         quantized 8-bit state (bitsandbytes AdamW8bit & co.: uint8 codes + block-wise absmax)
@@ -256,7 +276,8 @@ class AdaptiveLoRA(nn.Module):
                         f"{self.name}: optimizer {type(opt).__name__} keeps quantized state {k!r} ({v.dtype}); "
                         f"LoRA² cannot resize 8-bit optimizer state: use a 32-bit optimizer such as AdamW")
                 fresh = torch.zeros(new.shape, dtype=v.dtype, device=v.device)
-                fresh.narrow(dim, 0, keep).copy_(v.narrow(dim, 0, keep))
+                moment = 2 if k.endswith("_sq") else 1 if k in ("exp_avg", "momentum_buffer") else 0
+                fresh.narrow(dim, 0, keep).copy_(v.narrow(dim, 0, keep) * grad_scale ** moment)
                 out[k] = fresh
             elif isinstance(v, torch.Tensor) and v.dim() > 0:
                 raise RuntimeError(

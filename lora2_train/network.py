@@ -74,7 +74,8 @@ class LoRA2Network(nn.Module):
             key = naming.kohya_key(translate(path), prefix)
             if key in self.layers:
                 raise ValueError(f"two modules map to the same kohya key {key!r}")
-            self.layers[key] = AdaptiveLoRA(key, module, c.r_init, c.q, c.r_max, c.r_min, c.rank_block, c.scale)
+            self.layers[key] = AdaptiveLoRA(key, module, c.r_init, c.q, c.r_max, c.r_min, c.rank_block, c.scale,
+                                            c.seed)
 
     def apply_to(self) -> "LoRA2Network":
         """Patch every wrapped module; around each call of a model root, Λ of all components is

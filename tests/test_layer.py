@@ -98,13 +98,16 @@ def test_resize_carries_optimizer_state_for_surviving_positions():
     old_down = layer.lora_down
     m_down = opt.state[old_down]["exp_avg"].clone()
     v_up = opt.state[layer.lora_up]["exp_avg_sq"].clone()
+    nu = layer.nu().detach().double()
+    ratio = float(torch.expm1(-nu * 12) / torch.expm1(-nu * 8))  # B's kept columns are rescaled by it
     layer.resize(12, opt)
     new_down, new_up = layer.lora_down, layer.lora_up
     assert new_down is not old_down and old_down not in opt.state
     assert any(p is new_down for g in opt.param_groups for p in g["params"])
     st = opt.state[new_down]
     assert torch.equal(st["exp_avg"][:8], m_down) and torch.all(st["exp_avg"][8:] == 0)
-    assert torch.equal(opt.state[new_up]["exp_avg_sq"][:, :8], v_up)
+    assert torch.allclose(opt.state[new_up]["exp_avg_sq"][:, :8], v_up / ratio ** 2)
+    assert torch.all(opt.state[new_up]["exp_avg_sq"][:, 8:] == 0)
     # training continues with the resized parameters, through a graph built before the resize too
     loss = base(torch.randn(4, 16)).square().mean()
     opt.zero_grad()
@@ -159,3 +162,56 @@ def test_set_rank_sets_nu_and_allocation():
     for r in (4, 13, 48):
         layer.set_rank(r)
         assert layer.rank == r and layer.effective_rank() == r
+
+
+def test_initial_and_grown_rows_follow_the_seed_not_the_global_rng():
+    def grown(seed, global_seed):
+        torch.manual_seed(global_seed)
+        base = nn.Linear(16, 24)
+        layer = AdaptiveLoRA("lora_unet_x", base, r_init=4, q=0.9, r_max=16, block=1, seed=seed)
+        init = layer.lora_down.detach().clone()
+        torch.randn(100)  # whatever else the run draws in between
+        layer.resize(9)
+        return init, layer.lora_down.detach().clone()
+
+    a, b, c = grown(3, 0), grown(3, 123), grown(4, 0)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # same seed: identical rows
+    assert not torch.equal(a[0], c[0]) and not torch.equal(a[1][4:], c[1][4:])  # another seed: others
+    assert torch.equal(a[1][:4], a[0])  # growing keeps the old rows
+    bound = 1 / 16 ** 0.5
+    assert a[1].abs().max() <= bound and a[1][4:].std() > bound / 3  # Kaiming-uniform rows, not zeros
+    other = AdaptiveLoRA("lora_unet_y", nn.Linear(16, 24), r_init=4, q=0.9, r_max=16, block=1, seed=3)
+    assert not torch.equal(other.lora_down, a[0])  # components draw different rows
+
+
+def test_resize_rescales_b_moments_with_b():
+    base = nn.Linear(16, 16)
+    layer = make(base, r_init=8, block=1)
+    opt = torch.optim.Adam([layer.lora_down, layer.lora_up, layer.rho], lr=1e-2, foreach=False)
+    randomize_up(layer)
+    for _ in range(3):
+        loss = base(torch.randn(4, 16)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    nu = layer.nu().detach().double()
+    ratio = float(torch.expm1(-nu * 5) / torch.expm1(-nu * 8))
+    up, st = layer.lora_up.detach().clone(), {k: v.clone() for k, v in opt.state[layer.lora_up].items()}
+    m_down = opt.state[layer.lora_down]["exp_avg"].clone()
+    layer.resize(5, opt)
+    new = opt.state[layer.lora_up]
+    assert torch.allclose(layer.lora_up, up[:, :5] * ratio)
+    assert torch.allclose(new["exp_avg"], st["exp_avg"][:, :5] / ratio)
+    assert torch.allclose(new["exp_avg_sq"], st["exp_avg_sq"][:, :5] / ratio ** 2)
+    assert torch.equal(opt.state[layer.lora_down]["exp_avg"], m_down[:5])  # A is not rescaled
+    # the gradient of B after the resize is 1/ratio of the one before: check on a fixed input
+    x = torch.randn(4, 16)
+    layer.resize(8)
+    with torch.no_grad():
+        layer.lora_up[:, 5:] = 0
+    b8 = layer.lora_up
+    loss = base(x).square().mean()
+    g8 = torch.autograd.grad(loss, b8)[0][:, :5]
+    layer.resize(5)
+    g5 = torch.autograd.grad(base(x).square().mean(), layer.lora_up)[0]
+    assert torch.allclose(g5, g8 / ratio, rtol=1e-4, atol=1e-7)

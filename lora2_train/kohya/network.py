@@ -91,6 +91,8 @@ def make_config(network_dim, network_args: dict, base: dict | None = None) -> Lo
     if network_dim not in (None, "", 0):
         fields["r_init"] = int(network_dim)
     fields.setdefault("r_init", DEFAULT_R_INIT)
+    # sd-scripts seeds torch with --seed before it builds the network, on every process alike
+    fields.setdefault("seed", torch.initial_seed() % 2 ** 31)
     fields.update(parse_network_args(network_args))
     fields.setdefault("r_target", fields["r_init"])
     fields.setdefault("r_max", max(LoRA2Config.r_max, fields["r_init"], fields["r_target"]))
@@ -118,6 +120,8 @@ class KohyaLoRA2Network(LoRA2Network):
         self.set_multiplier(multiplier)
         self.optimizer: torch.optim.Optimizer | None = None
         self.steps = 0
+        #: the run's last optimizer step (sd-scripts' max_train_steps): no re-allocation after it
+        self.final_step: int | None = None
         #: called as fn(step, resized) after every optimizer step (resized: {key: (old, new)})
         self.step_listeners: list[Callable[[int, dict], None]] = []
         #: called as fn(path, ranks) after every save
@@ -256,7 +260,7 @@ class KohyaLoRA2Network(LoRA2Network):
         """Count the step; every ``resize_every`` steps re-allocate at D(ν) in place; tell listeners."""
         self.steps += 1
         resized = {}
-        if self.steps % self.config.resize_every == 0:
+        if self.steps % self.config.resize_every == 0 and (self.final_step is None or self.steps < self.final_step):
             resized = self.resize(self.optimizer, in_place=True)
         for fn in list(self.step_listeners):
             fn(self.steps, resized)
@@ -289,15 +293,14 @@ class KohyaLoRA2Network(LoRA2Network):
     def save_weights(self, file, dtype=None, metadata=None):
         """Write the adapter in the LoRA² file format (spec §5; :func:`format.adapter_from_network`).
 
-        Before saving, components are re-allocated at D(ν) (in place, carrying optimizer state)
-        so the file holds the learned ranks.  sd-scripts' metadata is kept; the LoRA² keys (and
+        The file holds the components at their current allocation, exactly the adapter that gave
+        the last loss (no re-allocation here: it would drop trained positions; the last one
+        happened at the last multiple of ``resize_every``).  sd-scripts' metadata is kept; the LoRA² keys (and
         ``ss_network_module = networks.lora``, ``ss_network_dim`` = the largest rank) take
         precedence, because the file is a standard kohya LoRA with ragged ranks.  ``dtype``: a
         torch dtype or None (float32).  ``.safetensors`` files are written atomically; other
         extensions get a torch-pickled state dict.
         """
-        if self.optimizer is not None:
-            self.resize(self.optimizer, in_place=True)
         meta = {str(k): str(v) for k, v in (metadata or {}).items() if v is not None}
         extra = {"trainer": "sd-scripts", "network_module": NETWORK_MODULE_NAME, "steps": self.steps}
         adapter = adapter_from_network(self, self.config, meta.get("ss_base_model_version", "sdxl_base_v1-0"), extra)
