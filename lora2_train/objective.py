@@ -63,14 +63,18 @@ class CrossAttentionEntropy:
     Forward hooks on ``attn2.to_q`` and ``attn2.to_k`` see the projected
     queries and keys (LoRA included), independent of how the model computes
     attention.  Only a random subset of `queries` query positions is used so
-    memory stays bounded: O(B·heads·queries·tokens) per layer.
+    memory stays bounded: O(B·heads·queries·tokens) per layer.  The subsets come
+    from this object's own generator (seeded `seed`; the training data's random
+    stream is never touched) and are drawn once per layer and step: a gradient-
+    checkpoint recomputation of a block sees the same queries as its forward.
     """
 
-    def __init__(self, root: nn.Module, queries: int = 256, generator: torch.Generator | None = None):
+    def __init__(self, root: nn.Module, queries: int = 256, seed: int = 0):
         self.queries = queries
-        self.generator = generator
+        self.generator = torch.Generator().manual_seed(int(seed))
         self.values: list[torch.Tensor] = []
         self._pending: dict[int, torch.Tensor] = {}
+        self._subsets: dict[tuple[int, int], torch.Tensor] = {}
         self._handles = []
         for path, mod in root.named_modules():
             if path.split(".")[-1] != "attn2" or not hasattr(mod, "to_q") or not hasattr(mod, "to_k"):
@@ -86,8 +90,10 @@ class CrossAttentionEntropy:
         def hook(_m, _inp, out):
             n = out.shape[1]
             if n > self.queries:
-                idx = torch.randperm(n, generator=self.generator)[: self.queries].to(out.device)
-                out = out.index_select(1, idx)
+                idx = self._subsets.get((key, n))
+                if idx is None:
+                    idx = self._subsets[(key, n)] = torch.randperm(n, generator=self.generator)[: self.queries]
+                out = out.index_select(1, idx.to(out.device))
             self._pending[key] = out
         return hook
 
@@ -99,8 +105,10 @@ class CrossAttentionEntropy:
         return hook
 
     def reset(self) -> None:
+        """Start a new step: forget the collected values and draw new query subsets."""
         self.values.clear()
         self._pending.clear()
+        self._subsets.clear()
 
     def loss(self) -> torch.Tensor:
         """Mean entropy over the cross-attention calls since the last :meth:`reset`."""

@@ -98,7 +98,7 @@ class Trainer:
             root = entropy_root if entropy_root is not None else model
             if not isinstance(root, torch.nn.Module):
                 raise ValueError("lambda_e > 0 needs entropy_root: the nn.Module holding the cross-attentions")
-            self.entropy = CrossAttentionEntropy(root, config.entropy_queries, self.generator)
+            self.entropy = CrossAttentionEntropy(root, config.entropy_queries, seed=config.seed)
             if self.entropy.num_layers == 0:
                 raise ValueError("lambda_e > 0 but the model has no cross-attention (attn2) with to_q/to_k")
         if config.gradient_checkpointing:
@@ -217,8 +217,10 @@ class Trainer:
                 self.scaler.update()
                 self.step += 1
                 resized = {}
-                if self.step % c.resize_every == 0 or self.step == c.steps:
+                # no re-allocation after the last step: the saved adapter is the one that gave the last loss
+                if self.step % c.resize_every == 0 and self.step < c.steps:
                     resized = self.network.resize(self.optimizer)
+                if self.step % c.resize_every == 0 or self.step == c.steps:
                     self.history.append({"step": self.step, "ranks": self.network.ranks()})
                 last = ProgressEvent(self.step, c.steps, total.item(), mse.item(), reg.item(), ent.item(),
                                      self.network.ranks(), self.network.num_parameters(), resized,
@@ -231,13 +233,18 @@ class Trainer:
             if self.out_dir is not None:
                 self.save_checkpoint()
             raise
+        finally:
+            self.close()
         if self.out_dir is not None and (stopped or self.step == c.steps):
             self.save_checkpoint()
-        if self.entropy is not None:
-            self.entropy.remove()
         return TrainResult(self.step, stopped, self.network.ranks(), self.network.nus(),
                            self.network.num_parameters(), last, self.history,
                            self.checkpoint_path if self.out_dir is not None else None)
+
+    def close(self) -> None:
+        """Remove the hooks this trainer put on the model (entropy hooks); safe to call twice."""
+        if self.entropy is not None:
+            self.entropy.remove()
 
     def _has_checkpoint(self) -> bool:
         return self.checkpoint_path is not None and self.checkpoint_path.exists()

@@ -169,3 +169,54 @@ def test_distillation_reduces_teacher_mismatch():
     before = mismatch()
     Trainer(unet, net, data, cfg, teacher=teacher).train()
     assert mismatch() < 0.8 * before
+
+
+def test_no_reallocation_after_the_last_step():
+    """The adapter a run ends with is the one that gave the last loss: no resize after the last step."""
+    unet, net, data, cfg = setup(steps=4, resize_every=2, nu_lr=0.5, lambda_r=10.0, r_init=8, r_target=1)
+    calls, trainer = [], None
+    resize = net.resize
+
+    def counting(*a, **kw):
+        calls.append(trainer.step)
+        return resize(*a, **kw)
+
+    net.resize = counting
+    trainer = Trainer(unet, net, data, cfg)
+    res = trainer.train()
+    assert calls == [2]
+    assert [h["step"] for h in res.history] == [0, 2, 4]
+    assert any(l.target_rank() != l.rank for l in net.layers.values())  # ν moved on after the last resize
+    assert res.ranks == {k: l.rank for k, l in net.layers.items()}
+
+
+def test_entropy_hooks_are_removed_on_every_exit():
+    unet, net, data, cfg = setup(steps=4, lambda_e=0.1)
+
+    def hooked():
+        return sum(len(m._forward_hooks) for n, m in unet.named_modules() if ".attn2.to_" in n)
+
+    def boom(_event):
+        raise RuntimeError("out of memory")
+
+    trainer = Trainer(unet, net, data, cfg, callback=boom, entropy_root=unet)
+    assert hooked() > 0
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainer.train()
+    assert hooked() == 0
+    trainer = Trainer(unet, net, data, cfg, should_stop=lambda: True, entropy_root=unet)
+    assert trainer.train().stopped and hooked() == 0
+
+
+def test_entropy_query_subset_is_the_same_under_checkpointing_and_leaves_the_data_stream_alone():
+    results = []
+    for gc, lambda_e in ((False, 0.5), (True, 0.5), (False, 0.0)):
+        unet, net, data, cfg = setup(steps=3, gradient_checkpointing=gc, lambda_e=lambda_e, entropy_queries=4)
+        trainer = Trainer(unet, net, data, cfg, entropy_root=unet)
+        res = trainer.train()
+        results.append((res.last.loss, _state(net), trainer.generator.get_state()))
+    (loss0, state0, rng0), (loss1, state1, rng1), (_, _, rng2) = results
+    assert loss0 == pytest.approx(loss1, rel=1e-5)  # the recomputed blocks saw the same queries
+    for k in state0:
+        assert torch.allclose(state0[k], state1[k], atol=1e-6), k
+    assert torch.equal(rng0, rng2)  # the entropy subsets do not advance the data/noise stream

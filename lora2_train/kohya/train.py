@@ -126,11 +126,12 @@ def make_trainer_class(base):
 
         def _attach(self, net, unet, args):
             self._lora2_net, self._args = net, args
+            net.final_step = int(args.max_train_steps)
             self._t0 = time.perf_counter()
             net.step_listeners.append(self._on_step)
             net.save_listeners.append(self._on_save)
             if net.config.lambda_e > 0:
-                self._entropy = CrossAttentionEntropy(unet, net.config.entropy_queries)
+                self._entropy = CrossAttentionEntropy(unet, net.config.entropy_queries, seed=net.config.seed)
                 if self._entropy.num_layers == 0:
                     raise ConfigError("lambda_e > 0 but the U-Net has no cross-attention (attn2) with to_q/to_k")
 
