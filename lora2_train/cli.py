@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import ConfigError
 from .format import AdapterFormatError
+from .progress import progress_bar
 from .trainer import TrainingDiverged
 
 EXPECTED_ERRORS = (ConfigError, AdapterFormatError, TrainingDiverged, OSError, ValueError, KeyError)
@@ -21,27 +22,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _progress_bar(total: int):
-    """A trainer callback drawing a tqdm bar (created at the first step, so early errors print alone)."""
-    from tqdm import tqdm
-    state = {}
-
-    def callback(e):
-        bar = state.get("bar") or state.setdefault("bar", tqdm(total=total, unit="step", dynamic_ncols=True))
-        bar.n = e.step
-        ranks = list(e.ranks.values())
-        bar.set_postfix_str(f"loss={e.loss:.4g} mse={e.mse:.4g} rank={min(ranks)}..{max(ranks)} "
-                            f"mean={sum(ranks) / len(ranks):.1f} params={e.num_params}", refresh=False)
-        bar.refresh()
-        if e.step >= e.total:
-            bar.close()
-    return callback
-
-
 def cmd_demo(args) -> int:
     from .demo import DEMO_CONFIG, run_demo
     steps = args.steps or DEMO_CONFIG["steps"]
-    summary = run_demo(args.out, steps=steps, overwrite=args.overwrite, callback=_progress_bar(steps))
+    summary = run_demo(args.out, steps=steps, overwrite=args.overwrite, callback=progress_bar(steps))
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -21,6 +21,7 @@ from typing import Callable
 
 from ..config import LoRA2Config
 from ..format import output_path
+from ..progress import progress_bar
 from ..trainer import ProgressEvent
 
 PROGRESS_PREFIX = "LORA2_PROGRESS "
@@ -365,7 +366,6 @@ def _parse_option(text: str):
 
 
 def cmd_train(args) -> int:
-    from ..cli import _progress_bar
     if args.backend == "embedded":
         raise ValueError("the embedded backend trains inside ComfyUI (LoRA² Train node) or on the random demo model "
                          "(python -m lora2_train demo); use --backend sd-scripts to train on a checkpoint file")
@@ -379,7 +379,7 @@ def cmd_train(args) -> int:
     extra = dict(_parse_option(o) for o in args.sd_options)
     path = train_sd_scripts(args.sd_scripts, args.checkpoint, args.dataset, args.out, args.name, config, args.steps,
                             args.resolution, args.batch_size, args.seed, python=args.sd_python,
-                            callback=_progress_bar(args.steps), overwrite=args.overwrite,
+                            callback=progress_bar(args.steps), overwrite=args.overwrite,
                             tokenizer_cache_dir=args.tokenizer_cache_dir, save_every=args.save_every,
                             extra_options=extra)
     print(path)
