@@ -92,7 +92,7 @@ class TrainLoRA2:
     def train(self, model, clip, vae, dataset_path, instance_prompt, steps, learning_rate, nu_learning_rate,
               r_init, r_max, r_target, q, lambda_r, lambda_e, seed, resolution, batch_size, target_modules,
               backend, output_name, images=None, captions="", sd_scripts_path="", python_path="",
-              base_checkpoint=NONE, resume_from="", gradient_checkpointing=False, unique_id=None):
+              base_checkpoint=NONE, resume_from="", gradient_checkpointing=True, unique_id=None):
         import folder_paths
 
         from lora2_train.config import LoRA2Config
