@@ -18,6 +18,7 @@ LoRA/LoCon, diffusers/PEFT, LyCORIS LoCon) into one ragged representation
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -27,11 +28,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .adapter import DTYPES, ORDERS, Adapter, AdapterFormatError, LoRAModule, _dtype_name  # noqa: F401 (re-exported)
 from .readers import normalize
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 FORMAT_VERSION = "1"
 NETWORK_MODULE = "networks.lora"
@@ -116,30 +122,108 @@ def adapter_state_dict(adapter: Adapter, dtype: str | None = "fp16",
 
 
 def _atomic(path: str | os.PathLike, write, overwrite: bool) -> Path:
-    """Write to a temporary file beside `path`, then rename it over `path`: a reader never sees half a file.
+    """Write to a temporary file beside `path`, then move it to `path`: a reader never sees half a file, and a
+    failure or a kill at any point leaves the old file (or no file) and at most a stale temporary file, which
+    the next write to that folder under the same name removes.
 
-    When a file is replaced, the new data is flushed (fsync) before the rename, so a crash leaves either the
-    old file or the new one, never a truncated one.  A new name has nothing to lose, so it is not flushed.
+    `write(tmp, fd)` fills the temporary file (by its name or through the open descriptor `fd`).  Without
+    `overwrite` the file is created with a hard link, which fails if `path` exists, even if another process
+    created it a moment ago; so of two writers of one new name, one wins and the other gets FileExistsError.
+    When a file is replaced, the new data is flushed (fsync) before the rename, so a crash of the machine
+    leaves either the old file or the new one.  A new name has nothing to lose, so it is not flushed.
+    A failed write (full disk, I/O error) raises OSError naming `path`.
     """
     path = Path(path)
     replacing = path.exists()
     if replacing and not overwrite:
         raise FileExistsError(f"{path}: already exists (pass overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temporaries(path)
+    fd, tmp = _locked_temporary(path)
     try:
-        os.close(fd)
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
-        if replacing:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            write(tmp, fd)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
+            if replacing:
+                os.fsync(fd)
+        except (OSError, SafetensorError) as e:
+            what = "the existing file is unchanged" if replacing else "nothing was written"
+            cause = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
+            raise OSError(getattr(e, "errno", None) or errno.EIO, f"{path}: writing failed ({cause}); {what}") from e
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _create_from(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
         raise
+    finally:
+        os.close(fd)  # (releases the lock that marks the temporary file as being written)
     return path
+
+
+def _temporary_pattern(path: Path) -> re.Pattern:
+    """Names of the temporary files of writes to `path` (mkstemp: prefix, 8 random characters, suffix)."""
+    return re.compile(re.escape(f".{path.name}.") + r"[A-Za-z0-9_]{8}\.tmp")
+
+
+def _locked_temporary(path: Path) -> tuple[int, str]:
+    """A new temporary file beside `path`, locked (flock) while it is written so that no other writer's
+    clean-up (:func:`_remove_stale_temporaries`) takes it for the leftover of a killed process."""
+    while True:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        if fcntl is None:
+            return fd, tmp
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits if a clean-up holds it this instant, then sees it unlinked
+        if os.fstat(fd).st_nlink:
+            return fd, tmp
+        os.close(fd)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove temporary files of earlier writes to `path` whose writer is gone (killed, machine crashed): a
+    writer holds a lock on its temporary file until it is renamed, and the kernel drops the lock when the
+    writer dies.  Without flock (Windows) nothing is removed."""
+    if fcntl is None:
+        return
+    pattern = _temporary_pattern(path)
+    try:
+        names = [n for n in os.listdir(path.parent) if pattern.fullmatch(n)]
+    except OSError:
+        return
+    for name in names:
+        stale = path.parent / name
+        try:
+            fd = os.open(stale, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: another writer is busy with it
+            os.close(fd)
+            continue
+        try:
+            if os.path.samestat(os.fstat(fd), os.lstat(stale)):
+                os.unlink(stale)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _create_from(tmp: str, path: Path) -> None:
+    """Give the complete file `tmp` the name `path` only if no file has it (atomically, by a hard link)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path}: already exists (pass overwrite to replace it)") from None
+    except OSError:  # a file system without hard links (FAT, some network shares): check, then rename
+        if os.path.lexists(path):
+            raise FileExistsError(f"{path}: already exists (pass overwrite to replace it)") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def _umask() -> int:
@@ -148,11 +232,15 @@ def _umask() -> int:
     return mask
 
 
+_WRITE_CHUNK = 16 * 1024 * 1024
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = False) -> Path:
     """Write via a temporary file in the same folder and rename (see :func:`_atomic`)."""
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
+    def write(tmp, fd):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view[:_WRITE_CHUNK]):]
     return _atomic(path, write, overwrite)
 
 
@@ -167,7 +255,7 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike, dtype: str | None = 
     sd = adapter_state_dict(adapter, dtype)
     meta = {k: str(v) for k, v in adapter.metadata.items()}
     meta["lora2_dtype"] = dtype or _dtype_name(next(iter(adapter.modules.values())).down.dtype)
-    return _atomic(path, lambda tmp: save_file(sd, tmp, metadata=meta), overwrite)
+    return _atomic(path, lambda tmp, fd: save_file(sd, tmp, metadata=meta), overwrite)
 
 
 def output_path(folder: str | os.PathLike, name: str, suffix: str = ".safetensors") -> Path:
