@@ -18,102 +18,41 @@ LoRA/LoCon, diffusers/PEFT, LyCORIS LoCon) into one ragged representation
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import re
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .adapter import DTYPES, ORDERS, Adapter, AdapterFormatError, LoRAModule, _dtype_name  # noqa: F401 (re-exported)
+from .readers import normalize
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 FORMAT_VERSION = "1"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NETWORK_MODULE = "networks.lora"
-#: ``lora2_order`` values: positions ordered by learned importance (ν), by singular value, or unordered
-ORDERS = ("importance", "svd", "none")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 _ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
-_MAX_HEADER = 100 * 1024 * 1024
+#: header bytes read and parsed at most (an SDXL adapter's header is ~0.3 MB; parsing a hostile header of this
+#: size allocates a few hundred MB of Python objects at worst; the safetensors library allows 100 MB)
+_MAX_HEADER = 16 * 1024 * 1024
+_MAX_DIMS = 8  # dimensions of one tensor
+_MAX_ELEMENTS = 2 ** 48  # elements of one tensor (zero-size dimensions left out), before any byte is read
+_ENTRY_FIELDS = frozenset(("dtype", "shape", "data_offsets"))
+_NEGATIVE_ZERO = re.compile(r"-0(?![.eE])")
+_LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")  # a UTF-16 surrogate escape (paired or not: checked then)
 _JSON_METADATA = ("lora2_ranks", "lora2_nu", "lora2_config", "ss_network_args", "lora2_merge")
-
-
-class AdapterFormatError(ValueError):
-    """A file is not a readable LoRA adapter; the message names the file and key."""
-
-
-@dataclass
-class LoRAModule:
-    """One low-rank factor pair: ΔW = (alpha / rank) · up @ down."""
-
-    down: torch.Tensor
-    up: torch.Tensor
-    alpha: float
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    @property
-    def out_features(self) -> int:
-        return int(self.up.shape[0])
-
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        """Shape of the adapted weight: (out, in) or (out, in, kh, kw)."""
-        return (self.out_features,) + tuple(self.down.shape[1:])
-
-    @property
-    def num_parameters(self) -> int:
-        return self.down.numel() + self.up.numel()
-
-    def delta_weight(self) -> torch.Tensor:
-        down, up = self.down.float(), self.up.float()
-        s = self.alpha / self.rank
-        if down.dim() == 2:
-            return s * (up.flatten(1) @ down)
-        return s * torch.einsum("od,dikl->oikl", up.flatten(1), down)
-
-
-@dataclass
-class Adapter:
-    """The in-memory ragged adapter every tool takes and returns: module name → factors, plus metadata.
-
-    Module names are kohya keys in the SDXL ldm layout (``lora_unet_input_blocks_…``,
-    ``lora_te1_…``, ``lora_te2_…``) whatever layout the file used.
-    """
-
-    modules: dict[str, LoRAModule]
-    metadata: dict[str, str] = field(default_factory=dict)
-    source: str = "lora2"
-
-    def ranks(self) -> dict[str, int]:
-        return {k: m.rank for k, m in self.modules.items()}
-
-    def num_parameters(self) -> int:
-        return sum(m.num_parameters for m in self.modules.values())
-
-    def dtype_name(self) -> str:
-        """fp32/fp16/bf16 of the factors (of the first module)."""
-        first = next(iter(self.modules.values()), None)
-        name = _dtype_name(first.down.dtype) if first is not None else "fp16"
-        return name if name in DTYPES else "fp32"
-
-    @property
-    def order(self) -> str:
-        """Order of each module's positions: 'importance' (LoRA²), 'svd', or 'none'."""
-        order = self.metadata.get("lora2_order")
-        if order in ORDERS:
-            return order
-        return "importance" if "lora2_version" in self.metadata else "none"
 
 
 def uniform_alpha(modules: dict[str, LoRAModule]) -> dict[str, LoRAModule]:
@@ -183,30 +122,108 @@ def adapter_state_dict(adapter: Adapter, dtype: str | None = "fp16",
 
 
 def _atomic(path: str | os.PathLike, write, overwrite: bool) -> Path:
-    """Write to a temporary file beside `path`, then rename it over `path`: a reader never sees half a file.
+    """Write to a temporary file beside `path`, then move it to `path`: a reader never sees half a file, and a
+    failure or a kill at any point leaves the old file (or no file) and at most a stale temporary file, which
+    the next write to that folder under the same name removes.
 
-    When a file is replaced, the new data is flushed (fsync) before the rename, so a crash leaves either the
-    old file or the new one, never a truncated one.  A new name has nothing to lose, so it is not flushed.
+    `write(tmp, fd)` fills the temporary file (by its name or through the open descriptor `fd`).  Without
+    `overwrite` the file is created with a hard link, which fails if `path` exists, even if another process
+    created it a moment ago; so of two writers of one new name, one wins and the other gets FileExistsError.
+    When a file is replaced, the new data is flushed (fsync) before the rename, so a crash of the machine
+    leaves either the old file or the new one.  A new name has nothing to lose, so it is not flushed.
+    A failed write (full disk, I/O error) raises OSError naming `path`.
     """
     path = Path(path)
     replacing = path.exists()
     if replacing and not overwrite:
         raise FileExistsError(f"{path}: already exists (pass overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temporaries(path)
+    fd, tmp = _locked_temporary(path)
     try:
-        os.close(fd)
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
-        if replacing:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            write(tmp, fd)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
+            if replacing:
+                os.fsync(fd)
+        except (OSError, SafetensorError) as e:
+            what = "the existing file is unchanged" if replacing else "nothing was written"
+            cause = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
+            raise OSError(getattr(e, "errno", None) or errno.EIO, f"{path}: writing failed ({cause}); {what}") from e
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _create_from(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
         raise
+    finally:
+        os.close(fd)  # (releases the lock that marks the temporary file as being written)
     return path
+
+
+def _temporary_pattern(path: Path) -> re.Pattern:
+    """Names of the temporary files of writes to `path` (mkstemp: prefix, 8 random characters, suffix)."""
+    return re.compile(re.escape(f".{path.name}.") + r"[A-Za-z0-9_]{8}\.tmp")
+
+
+def _locked_temporary(path: Path) -> tuple[int, str]:
+    """A new temporary file beside `path`, locked (flock) while it is written so that no other writer's
+    clean-up (:func:`_remove_stale_temporaries`) takes it for the leftover of a killed process."""
+    while True:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        if fcntl is None:
+            return fd, tmp
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits if a clean-up holds it this instant, then sees it unlinked
+        if os.fstat(fd).st_nlink:
+            return fd, tmp
+        os.close(fd)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove temporary files of earlier writes to `path` whose writer is gone (killed, machine crashed): a
+    writer holds a lock on its temporary file until it is renamed, and the kernel drops the lock when the
+    writer dies.  Without flock (Windows) nothing is removed."""
+    if fcntl is None:
+        return
+    pattern = _temporary_pattern(path)
+    try:
+        names = [n for n in os.listdir(path.parent) if pattern.fullmatch(n)]
+    except OSError:
+        return
+    for name in names:
+        stale = path.parent / name
+        try:
+            fd = os.open(stale, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: another writer is busy with it
+            os.close(fd)
+            continue
+        try:
+            if os.path.samestat(os.fstat(fd), os.lstat(stale)):
+                os.unlink(stale)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _create_from(tmp: str, path: Path) -> None:
+    """Give the complete file `tmp` the name `path` only if no file has it (atomically, by a hard link)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path}: already exists (pass overwrite to replace it)") from None
+    except OSError:  # a file system without hard links (FAT, some network shares): check, then rename
+        if os.path.lexists(path):
+            raise FileExistsError(f"{path}: already exists (pass overwrite to replace it)") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def _umask() -> int:
@@ -215,11 +232,15 @@ def _umask() -> int:
     return mask
 
 
+_WRITE_CHUNK = 16 * 1024 * 1024
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = False) -> Path:
     """Write via a temporary file in the same folder and rename (see :func:`_atomic`)."""
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
+    def write(tmp, fd):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view[:_WRITE_CHUNK]):]
     return _atomic(path, write, overwrite)
 
 
@@ -234,11 +255,7 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike, dtype: str | None = 
     sd = adapter_state_dict(adapter, dtype)
     meta = {k: str(v) for k, v in adapter.metadata.items()}
     meta["lora2_dtype"] = dtype or _dtype_name(next(iter(adapter.modules.values())).down.dtype)
-    return _atomic(path, lambda tmp: save_file(sd, tmp, metadata=meta), overwrite)
-
-
-def _dtype_name(dt: torch.dtype) -> str:
-    return {v: k for k, v in DTYPES.items()}.get(dt, str(dt).replace("torch.", ""))
+    return _atomic(path, lambda tmp, fd: save_file(sd, tmp, metadata=meta), overwrite)
 
 
 def output_path(folder: str | os.PathLike, name: str, suffix: str = ".safetensors") -> Path:
@@ -260,13 +277,77 @@ def output_path(folder: str | os.PathLike, name: str, suffix: str = ".safetensor
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _reject_duplicates(pairs):
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise AdapterFormatError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
+class _Repeated(dict):
+    """A header object that repeats a key; kept (with the key) so that the error can name its parent."""
+
+    repeated: str
+
+
+def _strict_object(pairs: list) -> dict:
+    """``object_pairs_hook`` of the header parse: every object, at every level, is checked for a repeated
+    key by the decoded name (``"a"`` and ``"\\u0061"`` are the same key)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        for k, _ in pairs:
+            if k in seen:
+                obj = _Repeated(obj)
+                obj.repeated = k
+                break
+            seen.add(k)
+    return obj
+
+
+def _short(value, limit: int = 60) -> str:
+    """repr of a header value cut to one short line (a hostile header may hold megabytes in one field)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _parse_header(path: Path, raw: bytes) -> dict:
+    """The header as a dict, from one strict JSON pass: a key repeated in any object is marked by
+    :func:`_strict_object` and refused with its parent's name; nesting deeper than the interpreter's recursion
+    limit stops the parse (the checks after it allow no more than the 3 levels of a safetensors header)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AdapterFormatError(f"{path}: header is not UTF-8 text (not a safetensors file?)") from None
+    # JSON -0 is the integer 0 for Python but not an integer for safetensors: decode it as the float -0.0,
+    # which the checks below refuse like any non-integer (only when "-0" occurs: a hook per number costs)
+    parse_int = _int_not_negative_zero if _NEGATIVE_ZERO.search(text) else None
+    try:
+        header = json.loads(text, object_pairs_hook=_strict_object, parse_int=parse_int)
+    except RecursionError:
+        raise AdapterFormatError(f"{path}: header nests too deeply (a safetensors header nests 3 levels)") from None
+    except ValueError:
+        raise AdapterFormatError(f"{path}: header is not valid JSON (not a safetensors file?)") from None
+    if not isinstance(header, dict):
+        raise AdapterFormatError(f"{path}: header is not a JSON object")
+    if isinstance(header, _Repeated):
+        raise AdapterFormatError(f"{path}: header has a duplicate key {header.repeated!r} (two tensors or two "
+                                 "__metadata__ of that name)")
+    if _LONE_SURROGATE.search(text):  # \ud800-style escapes: Python decodes a lone one, safetensors refuses it
+        for s in _header_strings(header):
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                raise AdapterFormatError(f"{path}: header key or value {_short(s)} holds an unpaired UTF-16 "
+                                         "surrogate escape") from None
+    return header
+
+
+def _int_not_negative_zero(s: str):
+    return -0.0 if s == "-0" else int(s)
+
+
+def _header_strings(header: dict):
+    for key, info in header.items():
+        yield key
+        if isinstance(info, dict):
+            for k, v in info.items():
+                yield k
+                if isinstance(v, str):
+                    yield v
 
 
 def read_safetensors(path: str | os.PathLike, mapped: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -276,10 +357,17 @@ def read_safetensors(path: str | os.PathLike, mapped: bool = False) -> tuple[dic
     less over the data; for short-lived processes such as the CLI — a file truncated in place while
     mapped would fault).
 
-    Refuses pickle files (never unpickled), truncated files, headers that are not JSON, repeat a
-    key, or give a tensor a byte range that does not match its shape and dtype or lies past the
-    end of the file, metadata values that are not strings, non-finite floating-point tensors, and a
-    file that is replaced or rewritten while it is read.
+    What is accepted is exactly what the ``safetensors`` library reads (same keys, bytes and metadata); what
+    is refused raises one :class:`AdapterFormatError` line naming the file and the key: pickle files (never
+    unpickled); truncated files; a header longer than the file or than 16 MB, not UTF-8, not JSON or nested deeper
+    than an entry's fields; a key repeated at any level (tensors, ``__metadata__``, the fields of an entry,
+    metadata keys), however it is escaped; an entry whose fields are not exactly dtype/shape/data_offsets, with
+    an unknown dtype, a shape that is not at most 8 non-negative integers of at most 2^48 elements, or a byte
+    range that does not match its shape and dtype; byte ranges that do not tile the data section exactly
+    (from byte 0 to the end of the file, no overlap, no gap, nothing after the last tensor — so a header length
+    that is off by a few bytes is caught); ``__metadata__`` that is not an object (or null) of strings;
+    non-finite floating-point tensors; and a file that is replaced or rewritten while it is read.  Every limit
+    is checked before any tensor byte is read or any tensor allocated.
     """
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -296,37 +384,38 @@ def read_safetensors(path: str | os.PathLike, mapped: bool = False) -> tuple[dic
         if len(head) < 8:
             raise AdapterFormatError(f"{path}: truncated file ({size} bytes), no safetensors header")
         n = int.from_bytes(head, "little")
-        if n > size - 8 or n > _MAX_HEADER:
+        if n > size - 8:
             raise AdapterFormatError(f"{path}: not a safetensors file or truncated "
                                      f"(header length {n} but the file has {size} bytes)")
+        if n > _MAX_HEADER:
+            raise AdapterFormatError(f"{path}: header length {n} exceeds the limit of {_MAX_HEADER} bytes")
         raw = f.read(n)
-    try:
-        text = raw.decode("utf-8")
-        header = json.loads(text)
-        if isinstance(header, dict) and text.count('"data_offsets"') != len(header) - ("__metadata__" in header):
-            json.loads(text, object_pairs_hook=_reject_duplicates)  # a key was collapsed: name it (slow path)
-    except AdapterFormatError as e:
-        raise AdapterFormatError(f"{path}: header has a {e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise AdapterFormatError(f"{path}: header is not valid JSON (not a safetensors file?)") from None
-    if not isinstance(header, dict):
-        raise AdapterFormatError(f"{path}: header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict):
-        raise AdapterFormatError(f"{path}: header key '__metadata__' is not an object")
+    header = _parse_header(path, raw)
+    meta = header.pop("__metadata__", None)
+    if meta is None:  # absent, or JSON null: no metadata (as safetensors reads it)
+        meta = {}
+    elif not isinstance(meta, dict):
+        raise AdapterFormatError(f"{path}: header key '__metadata__' is not an object ({type(meta).__name__})")
+    elif isinstance(meta, _Repeated):
+        raise AdapterFormatError(f"{path}: metadata has a duplicate key {meta.repeated!r}")
     for k, v in meta.items():
-        if not isinstance(v, str):
+        if type(v) is not str:
             raise AdapterFormatError(f"{path}: metadata key {k!r} is not a string")
     data_len = size - 8 - n
     for key, info in header.items():
         _check_entry(path, key, info, data_len)
     ordered = sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"]))  # empty tensors first
-    pos = 0  # the byte ranges tile the data: no overlap, no gap (as safetensors itself requires)
+    pos = 0  # the byte ranges tile the data section exactly: no overlap, no gap, nothing after the last one
     for key, info in ordered:
         if info["data_offsets"][0] != pos:
             raise AdapterFormatError(f"{path}: tensor {key!r} starts at byte {info['data_offsets'][0]}, "
                                      f"expected {pos} (overlapping or gapped byte ranges)")
         pos = info["data_offsets"][1]
+    if pos != data_len:
+        last = f"the last tensor {ordered[-1][0]!r}" if ordered else "the header (no tensors)"
+        raise AdapterFormatError(f"{path}: {data_len - pos} bytes follow {last}: the data section has "
+                                 f"{data_len} bytes, the tensors cover {pos} (wrong header length or appended "
+                                 "bytes)")
     runs = _float_runs(ordered)
     try:
         buf = _map(path)
@@ -344,7 +433,8 @@ def read_safetensors(path: str | os.PathLike, mapped: bool = False) -> tuple[dic
                 bad_runs = scan.result()
             del buf
     except Exception as e:  # safetensors raises several types for a damaged file
-        raise AdapterFormatError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        msg = (str(e).splitlines() or [type(e).__name__])[0]
+        raise AdapterFormatError(f"{path}: not a readable safetensors file ({msg})") from None
     if _stamp(path) != stamp:
         raise AdapterFormatError(f"{path}: the file was replaced or changed while it was read; load it again")
     suspects = [k for i in bad_runs for k in runs[i][3]]  # then name the tensor; fp8 and the like one by one
@@ -357,9 +447,12 @@ def read_safetensors(path: str | os.PathLike, mapped: bool = False) -> tuple[dic
     return tensors, meta
 
 
-_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                 "BOOL": torch.bool}
+_TORCH_DTYPES = {name: dt for name, dt in (
+    ("F64", torch.float64), ("F32", torch.float32), ("F16", torch.float16), ("BF16", torch.bfloat16),
+    ("I64", torch.int64), ("I32", torch.int32), ("I16", torch.int16), ("I8", torch.int8), ("U8", torch.uint8),
+    ("BOOL", torch.bool), ("F8_E4M3", getattr(torch, "float8_e4m3fn", None)),
+    ("F8_E5M2", getattr(torch, "float8_e5m2", None)), ("U16", getattr(torch, "uint16", None)),
+    ("U32", getattr(torch, "uint32", None)), ("U64", getattr(torch, "uint64", None))) if dt is not None}
 _SCANNED = ("F64", "F32", "F16", "BF16")  # float dtypes whose bytes are scanned in place (aminmax)
 _REDUCIBLE = tuple(_TORCH_DTYPES[d] for d in _SCANNED)  # the torch dtypes aminmax takes as they are
 
@@ -434,16 +527,29 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 
 def _check_entry(path: Path, key: str, info, data_len: int) -> None:
-    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-        raise AdapterFormatError(f"{path}: header entry {key!r} lacks dtype/shape/data_offsets")
+    """One tensor entry: exactly dtype/shape/data_offsets, each well-typed and within the limits, and a byte
+    range that matches the shape and lies inside the data section (all checked before anything is read)."""
+    if not isinstance(info, dict):
+        raise AdapterFormatError(f"{path}: header entry {key!r} is not an object")
+    if isinstance(info, _Repeated):
+        raise AdapterFormatError(f"{path}: header entry {key!r} has a duplicate field {info.repeated!r}")
+    if info.keys() != _ENTRY_FIELDS:
+        missing = sorted(_ENTRY_FIELDS - info.keys())
+        what = f"lacks {'/'.join(missing)}" if missing else \
+            f"has the unknown field {_short(sorted(info.keys() - _ENTRY_FIELDS)[0])}"
+        raise AdapterFormatError(f"{path}: header entry {key!r} {what} (expected dtype/shape/data_offsets)")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in _ST_DTYPES:
-        raise AdapterFormatError(f"{path}: tensor {key!r} has unknown dtype {dtype!r}")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise AdapterFormatError(f"{path}: tensor {key!r} has an invalid shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+    if type(dtype) is not str or dtype not in _ST_DTYPES:
+        raise AdapterFormatError(f"{path}: tensor {key!r} has unknown dtype {_short(dtype)}")
+    if not (type(shape) is list and len(shape) <= _MAX_DIMS and all(type(d) is int and d >= 0 for d in shape)):
+        raise AdapterFormatError(f"{path}: tensor {key!r} has an invalid shape {_short(shape)} "
+                                 f"(expected at most {_MAX_DIMS} non-negative integers)")
+    if math.prod(d for d in shape if d) > _MAX_ELEMENTS:
+        raise AdapterFormatError(f"{path}: tensor {key!r} has shape {_short(shape)}, more than "
+                                 f"2^{_MAX_ELEMENTS.bit_length() - 1} elements")
+    if not (type(offsets) is list and len(offsets) == 2 and all(type(o) is int for o in offsets)
             and 0 <= offsets[0] <= offsets[1]):
-        raise AdapterFormatError(f"{path}: tensor {key!r} has invalid data_offsets {offsets!r}")
+        raise AdapterFormatError(f"{path}: tensor {key!r} has invalid data_offsets {_short(offsets)}")
     need = math.prod(shape) * _ST_DTYPES[dtype]
     if offsets[1] - offsets[0] != need:
         raise AdapterFormatError(f"{path}: tensor {key!r}: header gives {offsets[1] - offsets[0]} bytes "
@@ -471,8 +577,6 @@ def load_adapter(path: str | os.PathLike, mapped: bool = False) -> Adapter:
     Algorithms that are not one factor pair per module (LoHa, LoKr, full diff, …) are refused.
     `mapped`: see :func:`read_safetensors`.
     """
-    from .readers import normalize
-
     tensors, meta = read_safetensors(path, mapped=mapped)
     modules, source = normalize(path, tensors, meta)
     adapter = Adapter(modules, meta, source)

@@ -20,7 +20,7 @@ import re
 
 import torch
 
-from .format import AdapterFormatError, LoRAModule
+from .adapter import AdapterFormatError, LoRAModule
 from .naming import diffusers_to_ldm, text_encoder_path
 
 #: tensors of adapters that are not one low-rank factor pair per module: (key pattern, algorithm name)

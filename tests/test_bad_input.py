@@ -75,6 +75,47 @@ CASES = {
     "metadata_not_object": (lambda t: raw(_f(t), {"__metadata__": [1], f"{Q}.alpha": entry("F32", [], 0, 4)},
                                           bytes(4)), ["bad.safetensors", "__metadata__"]),
     "no_tensors": (lambda t: raw(_f(t), {}), ["bad.safetensors", "no tensors"]),
+    # a valid file with bytes after the last tensor, or whose header length is 4 bytes short (its header is
+    # padded with spaces, so the shorter header still parses and every tensor would be read 4 bytes early)
+    "bytes_after_last_tensor": (lambda t: _append(write(_f(t), good()), bytes(8)),
+                                ["bad.safetensors", "8 bytes follow the last tensor", Q]),
+    "header_length_short": (lambda t: _short_header(write(_f(t), good()), 4),
+                            ["bad.safetensors", "4 bytes follow the last tensor", Q]),
+    # the same tensor twice, the first copy (NaN data) with an escaped field name, the second over 1.0
+    "duplicate_key_escaped": (lambda t: raw(_f(t), '{"%s.alpha": %s, "%s.alpha": %s}' % (
+        Q, json.dumps(entry("F32", [], 4, 8)).replace("data_offsets", "data\\u005foffsets"), Q,
+        json.dumps(entry("F32", [], 0, 4))), struct.pack("<2f", 1.0, float("nan"))),
+        ["bad.safetensors", "duplicate key", f"{Q}.alpha"]),
+    "duplicate_key_escaped_in_name": (lambda t: raw(_f(t), '{"%s.alpha": %s, "%s\\u002ealpha": %s}' % (
+        Q, json.dumps(entry("F32", [], 0, 4)), Q, json.dumps(entry("F32", [], 4, 8))),
+        struct.pack("<2f", float("nan"), 1.0)), ["bad.safetensors", "duplicate key", f"{Q}.alpha"]),
+    "duplicate_field": (lambda t: raw(_f(t), '{"%s.alpha": {"dtype": "F32", "shape": [2], "shape": [], '
+                                             '"data_offsets": [0, 4]}}' % Q, bytes(4)),
+                        ["bad.safetensors", f"{Q}.alpha", "duplicate field 'shape'"]),
+    "two_metadata": (lambda t: raw(_f(t), '{"__metadata__": {"ss_network_dim": "4"}, "__metadata__": {}, '
+                                          '"%s.alpha": %s}' % (Q, json.dumps(entry("F32", [], 0, 4))), bytes(4)),
+                     ["bad.safetensors", "duplicate key '__metadata__'"]),
+    "duplicate_metadata_key": (lambda t: raw(_f(t), '{"__metadata__": {"a": "1", "a": "2"}, "%s.alpha": %s}'
+                                             % (Q, json.dumps(entry("F32", [], 0, 4))), bytes(4)),
+                               ["bad.safetensors", "metadata", "duplicate key 'a'"]),
+    "metadata_empty_list": (lambda t: raw(_f(t), {"__metadata__": [], f"{Q}.alpha": entry("F32", [], 0, 4)},
+                                          bytes(4)), ["bad.safetensors", "__metadata__", "not an object"]),
+    "dtype_is_a_list": (lambda t: raw(_f(t), {f"{Q}.alpha": entry(["F32"], [], 0, 4)}, bytes(4)),
+                        ["bad.safetensors", Q, "unknown dtype ['F32']"]),
+    "deeply_nested": (lambda t: raw(_f(t), '{"%s.alpha": %s}' % (Q, "[" * 100_000 + "]" * 100_000)),
+                      ["bad.safetensors", "nests too deeply"]),
+    "shape_of_booleans": (lambda t: raw(_f(t), '{"%s.alpha": {"dtype": "F32", "shape": [true], '
+                                               '"data_offsets": [0, 4]}}' % Q, bytes(4)),
+                          ["bad.safetensors", Q, "invalid shape [True]"]),
+    "negative_zero_offset": (lambda t: raw(_f(t), '{"%s.alpha": {"dtype": "F32", "shape": [], '
+                                                  '"data_offsets": [-0, 4]}}' % Q, bytes(4)),
+                             ["bad.safetensors", Q, "data_offsets"]),
+    "unknown_entry_field": (lambda t: raw(_f(t), {f"{Q}.alpha": {**entry("F32", [], 0, 4), "x": 1}}, bytes(4)),
+                            ["bad.safetensors", Q, "unknown field 'x'"]),
+    "lone_surrogate_key": (lambda t: raw(_f(t), '{"%s\\ud800": %s}' % (Q, json.dumps(entry("F32", [], 0, 4))),
+                                         bytes(4)), ["bad.safetensors", Q, "surrogate"]),
+    "too_many_elements": (lambda t: raw(_f(t), {f"{Q}.alpha": entry("F32", [2 ** 30, 2 ** 30, 0], 0, 0)}),
+                          ["bad.safetensors", Q, "more than 2^48 elements"]),
     "rank_mismatch": (lambda t: write(_f(t), {**good(), f"{Q}.lora_up.weight": torch.randn(8, 3)}),
                       ["bad.safetensors", Q, "rank 4 != lora_up rank 3"]),
     "missing_up": (lambda t: write(_f(t), {f"{Q}.lora_down.weight": torch.randn(4, 6)}),
@@ -133,6 +174,20 @@ CASES = {
 def _truncate(path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 20])
+    return path
+
+
+def _append(path, data: bytes):
+    path.write_bytes(path.read_bytes() + data)
+    return path
+
+
+def _short_header(path, by: int):
+    """The same bytes with the header-length field `by` less (the header must end in that many spaces)."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    assert data[8 + n - by: 8 + n] == b" " * by, "the writer did not pad this header; pick other tensors"
+    path.write_bytes(struct.pack("<Q", n - by) + data[8:])
     return path
 
 
