@@ -55,25 +55,54 @@ _LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")  # a UTF-16 surrogate escape 
 _JSON_METADATA = ("lora2_ranks", "lora2_nu", "lora2_config", "ss_network_args", "lora2_merge")
 
 
+def balanced_factors(down: torch.Tensor, up: torch.Tensor, c: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down', up') with up'·down' = up·diag(c)·down and both factors of each position equally large.
+
+        g_k = √(c_k · ‖u_k‖ / ‖d_k‖),   d'_k = g_k · d_k,   u'_k = (c_k / g_k) · u_k   (‖d'_k‖ = ‖u'_k‖)
+
+    A scale (Λ, s, D/alpha) folded into one factor alone can push a small-rank module's values into
+    fp16's subnormal range; split this way, each stored factor keeps its full relative precision
+    (spec §5).  Positions whose column of `up` is zero contribute nothing and keep their row of
+    `down`.  Computed in fp32; positions keep their order.
+    """
+    d, u = down.float(), up.float()
+    r = d.shape[0]
+    c = torch.as_tensor(c, dtype=torch.float32).expand(r)
+    dn = d.reshape(r, -1).norm(dim=1)
+    un = u.transpose(0, 1).reshape(r, -1).norm(dim=1)
+    live = (un > 0) & (dn > 0) & (c != 0)
+    g = torch.where(live, (c.abs() * un / torch.where(live, dn, 1.0)).sqrt(), torch.ones_like(c))
+    g = torch.where(live, g, torch.ones_like(g))
+    up_scale = torch.where(live, c / g, c)
+    shape_d = (r,) + (1,) * (d.dim() - 1)
+    shape_u = (1, r) + (1,) * (u.dim() - 2)
+    return d * g.view(shape_d), u * up_scale.view(shape_u)
+
+
 def uniform_alpha(modules: dict[str, LoRAModule]) -> dict[str, LoRAModule]:
-    """The same ΔW with one alpha for all modules, A = max rank: up' = up · (alpha/r) · (r/A)."""
+    """The same ΔW with one alpha for all modules, A = max rank: up'·down' = (alpha/A)·up·down,
+    the factor alpha/A split between the two (:func:`balanced_factors`)."""
     if not modules:
         return modules
     a = float(max(m.rank for m in modules.values()))
     out = {}
     for k, m in modules.items():
         factor = m.alpha / a
-        out[k] = m if factor == 1.0 else LoRAModule(m.down, m.up * factor, a)  # fp32 arithmetic, one rounding
+        out[k] = m if factor == 1.0 else LoRAModule(*balanced_factors(m.down, m.up, factor), a)
     return out
 
 
 def adapter_from_network(network, config=None, base_model: str = "sdxl_base_v1-0", extra: dict | None = None) -> Adapter:
-    """Fold s·Λ into ``lora_up`` of every component of a LoRA2Network and attach the metadata of spec §5."""
+    """Every component of a LoRA2Network as kohya factors with one alpha A = max rank (spec §5):
+    up'·down' = (D/A)·s·B·Λ·A_ℓ, the per-position scale (D/A)·s·Λ_k split between the two factors
+    (:func:`balanced_factors`); plus the metadata of spec §5."""
+    a = float(max(layer.rank for layer in network.layers.values()))
     modules = {}
     for key, layer in network.layers.items():
-        down, up = layer.folded_factors()
-        modules[key] = LoRAModule(down.float(), up.float(), float(layer.rank))
-    modules = uniform_alpha(modules)
+        with torch.no_grad():
+            c = layer.lam().detach().float() * (layer.scale * layer.rank / a)
+        down, up = balanced_factors(layer.lora_down.detach(), layer.lora_up.detach(), c)
+        modules[key] = LoRAModule(down, up, a)
     cfg = dict(config.to_dict() if config is not None else {})
     cfg.update(extra or {})
     meta = {

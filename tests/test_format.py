@@ -214,3 +214,35 @@ def test_empty_tensors_sharing_an_offset_read_back(tmp_path):
     for mapped in (False, True):
         got, _ = read_safetensors(tmp_path / "e.safetensors", mapped=mapped)
         assert all(got[k].shape == v.shape and torch.equal(got[k], v) for k, v in sd.items())
+
+
+class _Net:
+    """What adapter_from_network reads of a LoRA2Network: .layers and .nus()."""
+
+    def __init__(self, layers):
+        self.layers = layers
+
+    def nus(self):
+        return {k: float(l.nu().detach()) for k, l in self.layers.items()}
+
+
+@pytest.mark.parametrize("dtype,tol", [("fp16", 1e-3), ("bf16", 5e-3)])
+def test_half_precision_files_keep_delta_w_for_every_rank_from_1_to_512(tmp_path, dtype, tol):
+    from lora2_train.layer import AdaptiveLoRA
+
+    torch.manual_seed(0)
+    layers = {}
+    for r in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512):
+        layer = AdaptiveLoRA(f"lora_unet_m{r}", torch.nn.Linear(640, 640), r_init=64, q=0.9, r_max=512, block=1)
+        layer.set_rank(r)
+        with torch.no_grad():
+            layer.lora_up.normal_(std=1e-4)  # trained B: small
+        layers[f"lora_unet_m{r}"] = layer
+    adapter = adapter_from_network(_Net(layers))
+    assert {m.alpha for m in adapter.modules.values()} == {512.0}
+    path = save_adapter(adapter, tmp_path / "ragged.safetensors", dtype=dtype)
+    back = load_adapter(path)
+    for key, layer in layers.items():
+        ref = layer.delta_weight().double()
+        err = float((back.modules[key].delta_weight().double() - ref).norm() / ref.norm())
+        assert err < tol, (key, err)
