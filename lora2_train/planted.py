@@ -79,6 +79,33 @@ def plan_pair_ranks(modules: dict[str, nn.Linear], seed: int = 0, fractions=PLAN
     return plan
 
 
+def plan_level_ranks(modules: dict[str, nn.Linear], levels, seed: int = 0, planted=("attn2_vo",)) -> dict[str, int]:
+    """Planted ranks per attention pair from an explicit list of non-zero `levels` (spec §7).
+
+    The pairs whose kind is in `planted` are shuffled (seeded); each level goes to the same number
+    of pairs, ⌊pairs / levels⌋ ≥ 1, both members of a pair share its rank (capped at the pair's
+    smallest dimension), and every other component — the left-over pairs included — gets rank 0.
+    """
+    levels = [int(v) for v in levels]
+    if not levels or min(levels) < 1:
+        raise ValueError(f"planted levels must be positive integers, got {levels!r}")
+    units = attention_units(modules)
+    chosen = sorted(u for u in units if u.endswith(planted))
+    per = len(chosen) // len(levels)
+    if per < 1:
+        raise ValueError(f"{len(levels)} planted levels need at least as many {'/'.join(planted)} pairs; "
+                         f"the model has {len(chosen)}")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(chosen), generator=g).tolist()
+    plan = {k: 0 for k in modules}
+    for i, idx in enumerate(order[: per * len(levels)]):
+        keys = units[chosen[idx]]
+        dim = min(min(modules[k].in_features, modules[k].out_features) for k in keys)
+        for k in keys:
+            plan[k] = min(levels[i % len(levels)], dim)
+    return plan
+
+
 @torch.no_grad()
 def planted_delta(module: nn.Linear, r: int, strength: float, generator: torch.Generator) -> torch.Tensor:
     """ΔW = σ·U Vᵀ of rank r; σ = strength · ‖W‖_F / √min(in, out) (the size of an average direction of W)."""
@@ -136,6 +163,23 @@ def balanced_gains(unet: nn.Module, plan: dict[str, int], run, strength: float =
         return {}
     mean = torch.tensor(list(per_dir.values()), dtype=torch.float64).log().mean().exp().item()
     return {k: min(max((mean / per_dir[u]) ** 0.5, 1 / max_gain), max_gain) for u, keys in units.items() for k in keys}
+
+
+class PlantedStack(nn.Module):
+    """The planted-rank model: SDXL transformer blocks (``BasicTransformerBlock``: self-attention,
+    cross-attention on the text context, GEGLU feed-forward, the modules LoRA² adapts) stacked
+    `depth` deep in one ``SpatialTransformer``, called like a UNet: forward(x, timesteps, context, y)
+    → a tensor shaped like x (timesteps and y are not used)."""
+
+    def __init__(self, channels: int = 128, depth: int = 15, context_dim: int = 128, head_channels: int = 16):
+        super().__init__()
+        from .models.sdxl_unet import SpatialTransformer
+        self.config = dict(channels=channels, depth=depth, context_dim=context_dim, head_channels=head_channels)
+        self.transformer = SpatialTransformer(channels, channels // head_channels, head_channels, depth, context_dim,
+                                              min(32, channels // 4))
+
+    def forward(self, x, timesteps=None, context=None, y=None):
+        return self.transformer(x, context)
 
 
 class RandomConditioning:

@@ -424,3 +424,30 @@ def test_trainer_extension_refuses_unsupported_options(tmp_path):
     with pytest.raises(ConfigError, match="unknown key 'rank'"):
         trainer.assert_extra_args(_args(tmp_path, network_args=["rank=4"]), None, None)
     assert main(["--sd_scripts", str(tmp_path)]) == 2
+
+
+def test_no_reallocation_after_the_last_step_nor_at_save(tmp_path, small_unet, encoders):
+    """The file holds exactly the adapter that gave the last loss."""
+    net = make(small_unet, encoders, dim=8, r_max=16, resize_every=2, rank_block=1)
+    try:
+        net.apply_to(encoders, small_unet)
+        groups, _ = net.prepare_optimizer_params(None, 1e-3, 1e-3)
+        opt = torch.optim.AdamW(groups, lr=1e-3)
+        net.final_step = 4
+        layer = next(iter(net.layers.values()))
+        for step in range(4):
+            opt.zero_grad()
+            loss_of(small_unet, net, seed=step).backward()
+            opt.step()
+            if step == 2:
+                layer.rho.data.fill_(layer._rho_for_rank(3))  # D(ν) = 3 from step 3 on
+        assert net.steps == 4 and layer.rank == 8 and layer.target_rank() < 8  # no resize after step 4
+        delta = layer.delta_weight()
+        path = tmp_path / "last.safetensors"
+        net.save_weights(str(path), torch.float32, {})
+        assert layer.rank == 8  # saving re-allocates nothing
+        saved = load_adapter(path).modules[layer.name]
+        assert saved.rank == 8
+        assert torch.allclose(saved.delta_weight(), delta, atol=1e-6)
+    finally:
+        net.close()

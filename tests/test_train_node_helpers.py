@@ -47,3 +47,15 @@ def test_block_means_for_the_live_chart(train_mod):
              "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_k": 12,
              "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_v": 8}
     assert train_mod._block_means(ranks) == {"down.4": 8.0, "mid": 8.0}
+
+
+def test_python_defaults_equal_the_widget_defaults(train_mod):
+    """A prompt in API format may leave an optional input out: it must then get the widget's default."""
+    import inspect
+
+    spec = train_mod.TrainLoRA2.INPUT_TYPES()
+    params = inspect.signature(train_mod.TrainLoRA2.train).parameters
+    for name, decl in spec["optional"].items():
+        if len(decl) > 1 and "default" in decl[1] and params[name].default is not inspect.Parameter.empty:
+            assert params[name].default == decl[1]["default"], name
+    assert params["gradient_checkpointing"].default is True
