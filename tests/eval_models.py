@@ -78,3 +78,80 @@ def write_images(folder: Path, n: int, seed: int = 0, prefix: str = "img", sizes
         make_image(seed * 100003 + i, sizes[i % len(sizes)]).save(p)
         paths.append(p)
     return paths
+
+
+def small_adapter(ranks: list[int], seed: int = 0, width: int = 64):
+    """A LoRA² adapter over a few attention projections with the given per-module ranks (importance order)."""
+    from lora2_train.format import FORMAT_VERSION, Adapter, LoRAModule, with_rank_metadata
+
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for i, r in enumerate(ranks):
+        key = f"lora_unet_input_blocks_{4 + i // 3}_1_transformer_blocks_0_attn1_to_{'qkv'[i % 3]}"
+        down = torch.randn(r, width, generator=g) / width ** 0.5
+        up = torch.randn(width, r, generator=g) * torch.linspace(1.0, 0.1, r)  # decreasing importance
+        modules[key] = LoRAModule(down, up, float(r))
+    meta = {"lora2_version": FORMAT_VERSION, "lora2_order": "importance"}
+    return with_rank_metadata(Adapter(modules, meta))
+
+
+def degraded_copies(references: list[Path], folder: Path, noise: float, copies: int = 2, seed: int = 0):
+    """Synthetic "generated" images: each reference with Gaussian pixel noise of std `noise` (0–255 scale)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    g = np.random.default_rng(seed)
+    for i, ref in enumerate(references):
+        base = np.asarray(Image.open(ref).convert("RGB"), dtype=np.float32)
+        for c in range(copies):
+            img = np.clip(base + g.normal(0, noise, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(folder / f"gen_{i:02d}_{c}.png")
+    return folder
+
+
+def demo_chart(out: Path, work: Path) -> dict:
+    """The README's demonstration chart: two adapters (ragged LoRA², fixed-rank LoRA) at several budgets, scored
+    by tiny random-weight models on synthetic images (references plus noise that shrinks with the budget)."""
+    import json as _json
+
+    from lora2_train import cli
+    from lora2_train.format import save_adapter
+
+    work = Path(work)
+    clip_dir, dino_dir = make_models(work / "models")
+    refs = write_images(work / "ref", 4, seed=7, sizes=[(128, 128)])
+    lora2 = work / "lora2_ragged.safetensors"
+    fixed = work / "lora_r16.safetensors"
+    save_adapter(small_adapter([4, 8, 16, 24, 32, 12, 6, 20, 28], seed=1), lora2)
+    save_adapter(small_adapter([16] * 9, seed=2), fixed)
+    entries = []
+    for path, budgets in ((lora2, ("full", "fraction=0.5", "fraction=0.25", "max_rank=4")),
+                          (fixed, ("full", "max_rank=8", "max_rank=4"))):
+        for j, b in enumerate(budgets):
+            noise = {"full": 10, "fraction=0.5": 30, "fraction=0.25": 60, "max_rank=4": 90, "max_rank=8": 45}[b]
+            folder = degraded_copies(refs, work / f"{path.stem}_{j}", noise, seed=j + 10 * len(entries))
+            entries += ["--entry", str(path), b, str(folder)]
+    argv = ["eval-budget", *entries, "--references", str(work / "ref"), "--clip", str(clip_dir), "--dino",
+            str(dino_dir), "--device", "cpu", "--prompt", "a sks dog", "-o", str(out), "--overwrite", "--json",
+            "--title", "DEMONSTRATION of the chart only: tiny random-weight models, synthetic images",
+            "--note", "not a quality figure: 'generated' images are the references plus noise that shrinks "
+                      "with the budget"]
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(argv)
+    if rc != 0:
+        raise RuntimeError(f"eval-budget failed with exit code {rc}")
+    return _json.loads(buf.getvalue())
+
+
+if __name__ == "__main__":  # python tests/eval_models.py docs/eval_budget_demo.png
+    import sys
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    with tempfile.TemporaryDirectory() as tmp:
+        result = demo_chart(Path(sys.argv[1]), Path(tmp))
+    for e in result["entries"]:
+        print(f"{e['label']:<14} {e['budget']:<14} {e['params']:>7}  DINO {e['dino']:.3f}  CLIP-I {e['clip_i']:.3f}"
+              f"  CLIP-T {e['clip_t']:.3f}")

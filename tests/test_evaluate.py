@@ -316,3 +316,75 @@ def test_hundred_images_within_a_time_budget(models, scorer, tmp_path):
     print(f"100 images × 4 references scored in {elapsed:.2f} s")
     assert res["n_images"] == 100 and len(res["per_image"]) == 100
     assert elapsed < 20.0, f"{elapsed:.1f} s"
+
+
+# ------------------------------------------------------------------------------------------- eval-budget
+
+
+def test_parse_budget():
+    from lora2_train.eval_budget import parse_budget
+
+    assert str(parse_budget("full")) == "full"
+    assert str(parse_budget("rank=8")) == str(parse_budget("max-rank=8")) == "max_rank=8"
+    assert str(parse_budget("fraction=0.25")) == "fraction=0.25"
+    assert parse_budget("params=1.5M").value == 1_500_000 and parse_budget("params=20k").value == 20_000
+    for bad, msg in (("half", "expected full"), ("fraction=1.5", r"\(0, 1\]"), ("max_rank=2.5", "whole number"),
+                     ("params=0", "positive")):
+        with pytest.raises(EvalError, match=msg):
+            parse_budget(bad)
+
+
+def test_eval_budget_scores_each_folder_and_counts_truncated_parameters(models, scorer, tmp_path, capsys):
+    """Parameter counts against the closed form Σ k_m·(in+out); each entry's scores against its folder alone."""
+    import math
+
+    from PIL import Image
+
+    from lora2_train.evaluate import embed_folder, evaluate_folder
+    from lora2_train.format import save_adapter
+
+    clip_dir, dino_dir = models
+    ranks = [4, 8, 16, 6, 12, 2]
+    save_adapter(E.small_adapter(ranks, seed=1), tmp_path / "ragged.safetensors")
+    save_adapter(E.small_adapter([8] * 6, seed=2), tmp_path / "fixed_r8.safetensors")
+    refs = E.write_images(tmp_path / "ref", 2, seed=8, sizes=[(96, 96)])
+    budgets = [("ragged", "full", 10), ("ragged", "fraction=0.5", 40), ("ragged", "max_rank=3", 80),
+               ("fixed_r8", "full", 10), ("fixed_r8", "params=3072", 60)]
+    argv = ["eval-budget"]
+    for i, (name, b, noise) in enumerate(budgets):
+        E.degraded_copies(refs, tmp_path / f"gen{i}", noise, copies=1, seed=i)
+        argv += ["--entry", tmp_path / f"{name}.safetensors", b, tmp_path / f"gen{i}"]
+    common = ["--references", tmp_path / "ref", "--clip", clip_dir, "--dino", dino_dir, "--device", "cpu",
+              "--prompt", "a sks dog"]
+    out = tmp_path / "chart.png"
+    rc = cli.main([str(a) for a in argv + common + ["-o", out, "--json"]])
+    stdout, err = capsys.readouterr()
+    assert rc == 0, err
+    res = json.loads(stdout)
+    per_module = 64 + 64
+    want = [sum(ranks) * per_module, sum(math.ceil(r / 2) for r in ranks) * per_module,
+            sum(min(r, 3) for r in ranks) * per_module, 48 * per_module, 3072]
+    assert [e["params"] for e in res["entries"]] == want
+    assert [e["label"] for e in res["entries"]] == ["ragged"] * 3 + ["fixed_r8"] * 2
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size[0] > 800
+    reference = embed_folder(scorer, tmp_path / "ref", "references")
+    for i, e in enumerate(res["entries"]):  # the same numbers as scoring that folder alone
+        single = evaluate_folder(scorer, tmp_path / f"gen{i}", reference, prompt="a sks dog")
+        for k in ("dino", "clip_i", "clip_t"):
+            assert e[k] == pytest.approx(single[k], abs=1e-5)
+    # an existing chart is kept without --overwrite; a bad entry fails in one line before any model loads
+    before = out.read_bytes()
+    rc = cli.main([str(a) for a in argv + common + ["-o", out]])
+    assert rc == 1 and "already exists" in capsys.readouterr().err and out.read_bytes() == before
+    rc = cli.main([str(a) for a in ["eval-budget", "--entry", tmp_path / "ragged.safetensors", "most", tmp_path / "gen0",
+                                    *common, "-o", tmp_path / "c2.png"]])
+    err = capsys.readouterr().err
+    assert rc == 1 and "budget 'most'" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "gen1" / "extra.png").write_bytes((tmp_path / "gen1" / "gen_00_0.png").read_bytes())
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\nb\n")
+    rc = cli.main([str(a) for a in argv + common[:-2] + ["--prompts", prompts, "-o", tmp_path / "c3.png"]])
+    err = capsys.readouterr().err
+    assert rc == 1 and "2 prompts for 3 generated images in" in err and "gen1" in err
+    assert not (tmp_path / "c3.png").exists()
