@@ -66,23 +66,39 @@ def repeat_prompts(prompts: Sequence[str], images_per_prompt: int = 1) -> list[s
     return [p for p in prompts for _ in range(int(images_per_prompt))]
 
 
+def prompt_lines(text: str, source: str) -> list[str]:
+    """One prompt per line; blank lines at the end are ignored, a blank line inside the list is an error."""
+    lines = str(text).splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise EvalError(f"{source}: no prompts (one line per generated image)")
+    blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
+    if blank:
+        raise EvalError(f"{source}: line {blank[0]} is blank (one prompt per line, one line per generated image)")
+    return [line.strip() for line in lines]
+
+
 def read_prompt_lines(path: str | Path) -> list[str]:
-    """One prompt per line; trailing blank lines are ignored, a blank line inside the list is an error."""
+    """The prompts of a text file, one per line (see :func:`prompt_lines`)."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise EvalError(f"{path}: not a UTF-8 text file") from None
     except OSError as e:
         raise EvalError(f"{path}: cannot read the prompts file ({e.strerror or e})") from None
-    while lines and not lines[-1].strip():
-        lines.pop()
-    if not lines:
-        raise EvalError(f"{path}: no prompts (one line per generated image)")
-    blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
-    if blank:
-        raise EvalError(f"{path}: line {blank[0]} is blank (one prompt per line, one line per generated image)")
-    return [line.strip() for line in lines]
+    return prompt_lines(text, str(path))
+
+
+def prompts_for_batch(text: str, n: int, source: str = "prompts") -> list[str]:
+    """Prompts of `n` images from a multi-line text: one line for every image, or exactly one line per image."""
+    lines = prompt_lines(text, source)
+    if len(lines) == 1:
+        return lines * n
+    if len(lines) != n:
+        raise EvalError(f"{source}: {len(lines)} lines for {n} images (one line for all images, or one per image)")
+    return lines
 
 
 def match_prompts(images: Sequence[Path], prompt: str | None = None, prompts: Sequence[str] | None = None,
