@@ -241,10 +241,11 @@ def find_model_folders(root: str | Path, depth: int = 2) -> list[str]:
     return sorted(found)
 
 
-def _how_to_get(name: str, role: str) -> str:
-    return (f"download it once where there is internet (`huggingface-cli download {name}`) or pass a folder "
-            f"saved with save_pretrained") if _HUB_ID.match(name) else \
-        f"pass a folder saved with save_pretrained or a Hugging Face id already in the local cache"
+def _how_to_get(name: str) -> str:
+    if _HUB_ID.match(name):
+        return (f"download it once where there is internet (`huggingface-cli download {name}`) or pass a folder "
+                f"saved with save_pretrained")
+    return "pass a folder saved with save_pretrained or a Hugging Face id already in the local cache"
 
 
 def resolve_model(name: str, role: str, model_type: str):
@@ -257,7 +258,7 @@ def resolve_model(name: str, role: str, model_type: str):
     option = f"--{role}"
     name = str(name).strip()
     if not name:
-        raise EvalError(f"{option}: no model given ({_how_to_get('', role)})")
+        raise EvalError(f"{option}: no model given ({_how_to_get('')})")
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
@@ -266,13 +267,13 @@ def resolve_model(name: str, role: str, model_type: str):
     elif _HUB_ID.match(name) and not name.startswith("."):
         location = name
     else:
-        raise EvalError(f"{option} {name}: no such folder ({_how_to_get(name, role)})")
+        raise EvalError(f"{option} {name}: no such folder ({_how_to_get(name)})")
     try:
         config = AutoConfig.from_pretrained(location, local_files_only=True)
     except (OSError, ValueError) as e:
         if location == name and not path.exists():
             raise EvalError(f"{option} {name}: not found locally (no download is attempted); "
-                            f"{_how_to_get(name, role)}") from None
+                            f"{_how_to_get(name)}") from None
         raise EvalError(f"{option} {location}: unreadable config.json ({str(e).splitlines()[0][:160]})") from None
     if config.model_type != model_type:
         raise EvalError(f"{option} {location}: a {config.model_type!r} model, expected {model_type!r} "
@@ -303,7 +304,7 @@ def _load_weights(cls, location: str, role: str, **kwargs):
             model, info = cls.from_pretrained(location, local_files_only=True, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
         raise EvalError(f"--{role} {location}: cannot load the weights ({str(e).splitlines()[0][:160]}); "
-                        f"{_how_to_get(location, role)}") from None
+                        f"{_how_to_get(location)}") from None
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise EvalError(f"--{role} {location}: {len(missing)} weights missing from the checkpoint "

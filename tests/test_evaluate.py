@@ -6,7 +6,6 @@ reference computations use torchvision transforms and the models' sub-modules di
 import json
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
