@@ -248,14 +248,14 @@ def _how_to_get(name: str) -> str:
     return "pass a folder saved with save_pretrained or a Hugging Face id already in the local cache"
 
 
-def resolve_model(name: str, role: str, model_type: str):
+def resolve_model(name: str, role: str, model_type: str, option: str | None = None):
     """(location, config) of a local model: a save_pretrained folder, or a hub id in the local HF cache.
 
     Never downloads; a missing model, a folder without config.json, or a model of another type is an error.
     """
     from transformers import AutoConfig
 
-    option = f"--{role}"
+    option = option or f"--{role}"
     name = str(name).strip()
     if not name:
         raise EvalError(f"{option}: no model given ({_how_to_get('')})")
@@ -298,16 +298,16 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def _load_weights(cls, location: str, role: str, **kwargs):
+def _load_weights(cls, location: str, option: str, **kwargs):
     try:
         with _quiet_transformers():
             model, info = cls.from_pretrained(location, local_files_only=True, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
-        raise EvalError(f"--{role} {location}: cannot load the weights ({str(e).splitlines()[0][:160]}); "
+        raise EvalError(f"{option} {location}: cannot load the weights ({str(e).splitlines()[0][:160]}); "
                         f"{_how_to_get(location)}") from None
     missing = sorted(info.get("missing_keys") or [])
     if missing:
-        raise EvalError(f"--{role} {location}: {len(missing)} weights missing from the checkpoint "
+        raise EvalError(f"{option} {location}: {len(missing)} weights missing from the checkpoint "
                         f"(e.g. {missing[0]}): not a complete {cls.__name__}")
     return model.eval().requires_grad_(False)
 
@@ -321,7 +321,6 @@ def _pil_backend_kwargs() -> dict:
     except (ImportError, ValueError):
         return {}
     return {"backend": "pil"} if major >= 5 else {"use_fast": False}
-
 
 
 def default_device() -> str:
@@ -345,7 +344,9 @@ class Embeddings:
 class Scorer:
     """DINO ViT and CLIP loaded once; images embedded in batches under ``torch.inference_mode``."""
 
-    def __init__(self, clip: str, dino: str, device: str | None = None, batch_size: int = 16):
+    def __init__(self, clip: str, dino: str, device: str | None = None, batch_size: int = 16,
+                 options: tuple[str, str] = ("--clip", "--dino")):
+        """`options`: how errors name the two models (the CLI's options by default)."""
         try:
             from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, ViTModel
         except ImportError:
@@ -357,21 +358,22 @@ class Scorer:
         self.device = torch.device(device or default_device())
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise EvalError("--device cuda: no CUDA device available")
-        dino_loc, dino_cfg = resolve_model(dino, "dino", "vit")
-        clip_loc, _ = resolve_model(clip, "clip", "clip")
+        clip_opt, dino_opt = options
+        dino_loc, dino_cfg = resolve_model(dino, "dino", "vit", dino_opt)
+        clip_loc, _ = resolve_model(clip, "clip", "clip", clip_opt)
         self.names = {"dino": dino_loc, "clip": clip_loc}
-        self.dino = _load_weights(ViTModel, dino_loc, "dino", add_pooling_layer=False).to(self.device)
+        self.dino = _load_weights(ViTModel, dino_loc, dino_opt, add_pooling_layer=False).to(self.device)
         self._interpolate = int(getattr(dino_cfg, "image_size", DINO_CROP)) != DINO_CROP
-        self.clip = _load_weights(CLIPModel, clip_loc, "clip").to(self.device)
+        self.clip = _load_weights(CLIPModel, clip_loc, clip_opt).to(self.device)
         try:
             self.processor = AutoImageProcessor.from_pretrained(clip_loc, local_files_only=True, **_pil_backend_kwargs())
         except (OSError, ValueError):
-            raise EvalError(f"--clip {clip_loc}: no image processor (preprocessor_config.json) beside the "
+            raise EvalError(f"{clip_opt} {clip_loc}: no image processor (preprocessor_config.json) beside the "
                             f"weights") from None
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(clip_loc, local_files_only=True)
         except (OSError, ValueError):
-            raise EvalError(f"--clip {clip_loc}: no tokenizer (vocab.json/merges.txt or tokenizer.json) beside "
+            raise EvalError(f"{clip_opt} {clip_loc}: no tokenizer (vocab.json/merges.txt or tokenizer.json) beside "
                             f"the weights") from None
         self.max_length = int(self.clip.config.text_config.max_position_embeddings)
 

@@ -21,6 +21,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LoRA2ZeroPad": "Zero-Pad LoRA² Adapter",
     "LoRA2Merge": "Merge LoRA² Adapters",
     "LoRA2Train": "Train LoRA² (SDXL)",
-    "LoRA2ScoreImages": "Score Images (DINO / CLIP)",
-    "LoRA2DreamBoothPrompt": "DreamBooth Prompt",
+    "LoRA2ScoreImages": "LoRA² Score Images (DINO / CLIP)",
+    "LoRA2DreamBoothPrompt": "LoRA² DreamBooth Prompt",
 }

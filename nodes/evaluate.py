@@ -69,7 +69,8 @@ class ScoreImages:
         cache = ScoreImages._cache
         if cache.get("key") != key:
             cache.clear()
-            cache.update(key=key, scorer=Scorer(clip, dino, device=key[-1], batch_size=batch_size))
+            cache.update(key=key, scorer=Scorer(clip, dino, device=key[-1], batch_size=batch_size,
+                                                 options=("clip_model", "dino_model")))
         scorer = cache["scorer"]
         scorer.batch_size = int(batch_size)
         return scorer

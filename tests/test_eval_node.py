@@ -80,7 +80,7 @@ def test_bad_inputs_are_clear_errors(node):
         node.score(batch, "a", "(none)", "clip-tiny", references_folder="refs")
     with pytest.raises(FileNotFoundError, match="'gone' not found in ComfyUI's models/lora2_eval"):
         node.score(batch, "a", "gone", "clip-tiny", references_folder="refs")
-    with pytest.raises(EvalError, match="a 'clip' model, expected 'vit'"):
+    with pytest.raises(EvalError, match="dino_model .*clip-tiny: a 'clip' model, expected 'vit'"):
         node.score(batch, "a", "clip-tiny", "clip-tiny", references_folder="refs")
 
 

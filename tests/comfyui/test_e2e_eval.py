@@ -17,8 +17,8 @@ def test_budget_eval_workflow_scores_both_budgets(comfyui_alive, koala_checkpoin
     clip_dir, dino_dir = E.make_models(comfyui.comfy_dir / "models" / "lora2_eval")
     E.write_images(comfyui.dirs["input"] / "eval_refs", 3, seed=2)
     info = comfyui.object_info("LoRA2ScoreImages")["LoRA2ScoreImages"]
-    assert info["display_name"] == "Score Images (DINO / CLIP)" and info["output"] == ["FLOAT", "FLOAT", "FLOAT",
-                                                                                      "STRING"]
+    assert info["display_name"] == "LoRA² Score Images (DINO / CLIP)"
+    assert info["output"] == ["FLOAT", "FLOAT", "FLOAT", "STRING"]
     assert info["input"]["required"]["dino_model"][0] == ["clip-tiny", "dino-tiny"]  # models/lora2_eval
 
     names = {W.CKPT: koala_checkpoint.name, W.LORA: "pair_a.safetensors", W.EVAL_DINO: "dino-tiny",
