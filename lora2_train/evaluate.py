@@ -366,7 +366,8 @@ class Scorer:
         self._interpolate = int(getattr(dino_cfg, "image_size", DINO_CROP)) != DINO_CROP
         self.clip = _load_weights(CLIPModel, clip_loc, clip_opt).to(self.device)
         try:
-            self.processor = AutoImageProcessor.from_pretrained(clip_loc, local_files_only=True, **_pil_backend_kwargs())
+            self.processor = AutoImageProcessor.from_pretrained(clip_loc, local_files_only=True,
+                                                                **_pil_backend_kwargs())
         except (OSError, ValueError):
             raise EvalError(f"{clip_opt} {clip_loc}: no image processor (preprocessor_config.json) beside the "
                             f"weights") from None

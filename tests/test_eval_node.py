@@ -56,7 +56,8 @@ def test_scores_equal_the_library_on_the_same_pixels(node, models, tmp_path):
     assert out["ui"]["text"] == [summary] and out["ui"]["lora2_scores"][0]["n_references"] == 3
 
     # reference photos as an IMAGE batch: the same scores; both sources together: 6 references
-    ref_arrays = [np.asarray(Image.open(p).convert("RGB").resize((80, 80))) for p in sorted((tmp_path / "refs").glob("*.png"))]
+    ref_arrays = [np.asarray(Image.open(p).convert("RGB").resize((80, 80)))
+                  for p in sorted((tmp_path / "refs").glob("*.png"))]
     ref_batch = torch.from_numpy(np.stack(ref_arrays)).float() / 255.0
     only_images = node.score(batch, "a sks dog", "dino-tiny", "clip-tiny", reference_images=ref_batch)["result"]
     want2 = lib.score(lib.embed_images(arrays), lib.embed_images(ref_arrays), ["a sks dog"] * 4)

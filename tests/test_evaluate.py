@@ -163,7 +163,8 @@ def test_dreambooth_prompt_lists():
     assert obj[:10] == live[:10] and obj[20:] == live[20:]  # backgrounds and property changes are shared
     assert "a {token} {class} wearing a santa hat" in live and "a {token} {class} on top of a mirror" in obj
     filled = dreambooth_prompts("live", "sks", "dog", images_per_prompt=4)
-    assert len(filled) == 100 and filled[:4] == ["a sks dog in the jungle"] * 4 and filled[-1] == "a cube shaped sks dog"
+    assert len(filled) == 100 and filled[:4] == ["a sks dog in the jungle"] * 4
+    assert filled[-1] == "a cube shaped sks dog"
     with pytest.raises(EvalError, match="object, live"):
         dreambooth_templates("animal")
     with pytest.raises(EvalError, match="non-empty token"):
@@ -376,8 +377,9 @@ def test_eval_budget_scores_each_folder_and_counts_truncated_parameters(models, 
     before = out.read_bytes()
     rc = cli.main([str(a) for a in argv + common + ["-o", out]])
     assert rc == 1 and "already exists" in capsys.readouterr().err and out.read_bytes() == before
-    rc = cli.main([str(a) for a in ["eval-budget", "--entry", tmp_path / "ragged.safetensors", "most", tmp_path / "gen0",
-                                    *common, "-o", tmp_path / "c2.png"]])
+    bad = ["eval-budget", "--entry", tmp_path / "ragged.safetensors", "most", tmp_path / "gen0", *common,
+           "-o", tmp_path / "c2.png"]
+    rc = cli.main([str(a) for a in bad])
     err = capsys.readouterr().err
     assert rc == 1 and "budget 'most'" in err and len(err.strip().splitlines()) == 1
     (tmp_path / "gen1" / "extra.png").write_bytes((tmp_path / "gen1" / "gen_00_0.png").read_bytes())
