@@ -34,7 +34,9 @@ def test_ui_workflow_is_well_formed(name, object_info):
     for n in nodes.values():
         info = object_info[n["type"]]
         specs = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
-        widgets = [k for k, s in specs.items() if W._is_widget(s) and k not in {i["name"] for i in n["inputs"]}]
+        linked = {i["name"] for i in n["inputs"] if "widget" not in i}  # converted widgets keep their value
+        widgets = [k for k, s in specs.items() if W._is_widget(s) and k not in linked]
+        assert all(i["name"] in specs and W._is_widget(specs[i["name"]]) for i in n["inputs"] if "widget" in i)
         assert len(n["widgets_values"]) == len(widgets) + len(W.SEED_INPUTS & set(widgets)), n["type"]
         assert [o["type"] for o in n["outputs"]] == info["output"]
 

@@ -61,8 +61,45 @@ def pad_and_merge() -> dict:
     }
 
 
+EVAL_DINO = "dino-vits16"  # folders saved with save_pretrained in ComfyUI/models/lora2_eval
+EVAL_CLIP = "clip-vit-large-patch14"
+REFERENCES = "lora2_references/sks_dog"  # the subject's photos, inside ComfyUI's input folder
+
+
+def budget_eval() -> dict:
+    """One adapter at two rank budgets (full, and a quarter of each module's rank), sampled with the same
+    DreamBooth prompt and seed, each batch scored (DINO, CLIP-I, CLIP-T) against the subject's photos."""
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "2": {"class_type": "LoRA2DreamBoothPrompt", "inputs": {"kind": "live", "index": 2, "token": "sks",
+                                                                "class_name": "dog"}},
+        "20": {"class_type": "EmptyLatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 4}},
+    }
+    for n, (budget, mode, prefix) in enumerate(((0.0, "max rank", "lora2_full"),
+                                                (0.25, "fraction", "lora2_quarter"))):
+        b = 3 + 10 * n  # nodes 3…9 (full budget) and 13…19 (a quarter of each module's rank)
+        g.update({
+            str(b): {"class_type": "LoRA2LoadAdapter", "inputs": {
+                "model": ["1", 0], "clip": ["1", 1], "lora_name": LORA, "strength_model": 1.0,
+                "strength_clip": 1.0, "rank_budget": budget, "budget_mode": mode}},
+            str(b + 1): {"class_type": "CLIPTextEncode", "inputs": {"text": ["2", 0], "clip": [str(b), 1]}},
+            str(b + 2): {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, low quality",
+                                                                    "clip": [str(b), 1]}},
+            str(b + 3): {"class_type": "KSampler", "inputs": {
+                "model": [str(b), 0], "positive": [str(b + 1), 0], "negative": [str(b + 2), 0],
+                "latent_image": ["20", 0], "seed": 42, "steps": 25, "cfg": 7.0, "sampler_name": "euler",
+                "scheduler": "normal", "denoise": 1.0}},
+            str(b + 4): {"class_type": "VAEDecode", "inputs": {"samples": [str(b + 3), 0], "vae": ["1", 2]}},
+            str(b + 5): {"class_type": "SaveImage", "inputs": {"images": [str(b + 4), 0], "filename_prefix": prefix}},
+            str(b + 6): {"class_type": "LoRA2ScoreImages", "inputs": {
+                "images": [str(b + 4), 0], "prompts": ["2", 0], "dino_model": EVAL_DINO, "clip_model": EVAL_CLIP,
+                "references_folder": REFERENCES, "batch_size": 16}},
+        })
+    return g
+
+
 EXAMPLES = {"lora2_load_and_sample": load_and_sample, "lora2_visualize": visualize,
-            "lora2_pad_and_merge": pad_and_merge}
+            "lora2_pad_and_merge": pad_and_merge, "lora2_budget_eval": budget_eval}
 
 
 def _is_link(v) -> bool:
@@ -97,6 +134,9 @@ def api_to_ui(graph: dict, object_info: dict) -> dict:
             v = node["inputs"].get(name)
             if _is_link(v) or not _is_widget(spec):
                 entry = {"name": name, "type": spec[0] if isinstance(spec[0], str) else "COMBO", "link": None}
+                if _is_link(v) and _is_widget(spec):  # a widget converted to an input: its value stays listed
+                    entry["widget"] = {"name": name}
+                    widgets.append((spec[1] or {}).get("default", "") if len(spec) > 1 else "")
                 if _is_link(v):
                     link_id = len(links) + 1
                     src = graph[v[0]]
