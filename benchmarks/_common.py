@@ -16,11 +16,15 @@ from lora2_train.planted import target_modules  # noqa: E402
 
 
 class FixedLoRA(nn.Module):
-    """Standard LoRA on one nn.Linear: y = Wx + (alpha/r)·up(down(x)), down Kaiming-uniform, up zero."""
+    """Standard LoRA on one nn.Linear: y = Wx + s·up(down(x)), down Kaiming-uniform, up zero.
 
-    def __init__(self, base: nn.Linear, rank: int):
+    s = 1 when `alpha` is None (kohya with alpha = rank), else the rsLoRA scale s = alpha/√rank.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None):
         super().__init__()
         rank = min(rank, base.in_features, base.out_features)
+        self.scale = 1.0 if alpha is None else alpha / math.sqrt(rank)
         self.base = [base]
         self.lora_down = nn.Parameter(torch.empty(rank, base.in_features).uniform_(-1, 1) / math.sqrt(base.in_features))
         self.lora_up = nn.Parameter(torch.zeros(base.out_features, rank))
@@ -28,7 +32,8 @@ class FixedLoRA(nn.Module):
         base.forward = self.forward
 
     def forward(self, x):
-        return self._orig(x) + F.linear(F.linear(x, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
+        h = F.linear(F.linear(x, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
+        return self._orig(x) + (h if self.scale == 1.0 else self.scale * h)
 
     def restore(self):
         self.base[0].forward = self._orig
@@ -37,9 +42,9 @@ class FixedLoRA(nn.Module):
 class FixedLoRANetwork(nn.Module):
     """Fixed-rank LoRA on the paper's attention targets, keyed like LoRA² (kohya names)."""
 
-    def __init__(self, unet: nn.Module, rank: int):
+    def __init__(self, unet: nn.Module, rank: int, alpha: float | None = None):
         super().__init__()
-        self.layers = nn.ModuleDict({k: FixedLoRA(m, rank) for k, m in target_modules(unet).items()})
+        self.layers = nn.ModuleDict({k: FixedLoRA(m, rank, alpha) for k, m in target_modules(unet).items()})
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

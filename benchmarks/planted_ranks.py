@@ -1,182 +1,248 @@
-"""Planted-rank benchmark: does LoRA² find the ranks a teacher was built with?
+"""Planted-rank benchmark: does LoRA² find the ranks a teacher was built with, and is it smaller?
 
-teacher = random-weight SDXL-architecture UNet (width 32, text context 128, the five transformer
-blocks of the 128-channel level, 40 attention components) + planted ΔW (spec §7):
-  - every cross-attention v/out pair gets one planted rank, 1/64 … 1/2 of the pair's smallest
-    dimension (2, 8, 16, 32, 64); both members the same rank, since attention only sees the
-    per-head product W_o·W_v and a change in one member can be partly absorbed by the other;
-  - every other component (q/k pairs, self-attention v/out) gets rank 0: the regularizer must keep
-    them small.  Near-uniform random attention makes q/k changes barely visible in the output
-    (sharpening it to make them visible stalls distillation), and self-attention v/out pairs
-    (input: hidden states, not the white text conditioning) learned too slowly in trial runs to
-    be told apart within a CPU step budget;
-  - every planted direction moves the UNet output equally (per-pair gains, `balanced_gains`).
-Students distil the teacher's ε-prediction on random latents / conditioning / timesteps with the
-same step budget, data stream and learning rate:
-  - LoRA² (full objective),
-  - LoRA² without L_reg (λ_r = 0: the paper's ablation),
-  - plain fixed-rank LoRA at ranks 4 … 128 (128 = full rank of every component).
-Reported (last line, JSON): spearman(learned rank, planted rank) over all components and over the
-planted ones, parameters and held-out teacher-mismatch MSE of every student (and of the untrained
-base), and parameter ratios against the fixed-rank Pareto front.
+Task (spec §7; identical for every arm; `lora2_train.planted.build_planted_task`):
+  model = 15 SDXL transformer blocks (`BasicTransformerBlock`: self-attention, cross-attention on a
+  128-wide text context, GEGLU feed-forward) stacked in one `SpatialTransformer`, width 128, random
+  weights: 120 attention components, the paper's targets;
+  teacher = the model + planted ΔW:
+  - the cross-attention value/output pairs get planted ranks from `--levels` (default 1,2,4,8,16,32,64),
+    each level on the same number of pairs (2 pairs = 4 components per level by default), both members
+    of a pair the same rank (attention only sees the per-head product W_o·W_v);
+  - every other component (query/key pairs, self-attention value/output, left-over pairs) gets rank 0;
+  - every planted direction moves the output equally (per-pair gains, `balanced_gains`).
+  Data: Gaussian tokens (4×4 positions) and text conditioning (16 tokens); the target is the teacher's
+  output. A training stream (one fresh batch of 8 per step), a validation split (learning-rate
+  selection) and a test split (every reported error) come from disjoint generators.
 
-    python benchmarks/planted_ranks.py           # full run (≈10 min on 2 CPU cores)
-    python benchmarks/planted_ranks.py --quick   # seconds; used by the tests
+Arms, all trained by the same loop, data, step budget and Adam, each at every learning rate of
+`--lrs` (the one with the lowest validation error is kept; its test error is reported):
+  - LoRA² (full objective: MSE + λ_r·L_reg),
+  - LoRA² without L_reg (λ_r = 0; the paper's ablation), at LoRA²'s selected learning rate,
+  - plain fixed-rank LoRA at every rank of `--ranks`, rsLoRA scaling ΔW = (α/√r)·B·A with one α for all
+    ranks (α = 4): with Adam the change of ΔW per step grows like √r under any rank-independent scale, so
+    one learning-rate grid would favour some ranks; rsLoRA gives the grid the same meaning for all.
+The loss of every arm is divided by the untrained student's validation error (λ_r is relative to 1).
+
+Reported (last line, JSON), per seed and mean: `spearman_planted` (learned effective rank D(ν) against
+planted rank over the non-zero components only), `level_means` (mean learned rank per planted level),
+`zero_at_floor` (share of rank-0 components that ended at r_min = 1), `spearman_all`, the tuned
+fixed-rank table and `params_ratio_at_equal_mse` (parameters of the smallest tuned fixed rank whose test
+error is at most LoRA²'s, interpolated on log parameters, over LoRA²'s).
+
+    python benchmarks/planted_ranks.py                       # seeds 0,1,2 (two worker processes)
+    python benchmarks/planted_ranks.py --seeds 5,6 --levels 1,3,6,12,24,48
+    python benchmarks/planted_ranks.py --quick               # one seed, 60 steps; used by the tests
 """
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
 from _common import FixedLoRANetwork, print_result, threads_note
 
 from lora2_train.config import LoRA2Config
-from lora2_train.models import SDXLUNet, reduced, sdxl_config
 from lora2_train.network import LoRA2Network
 from lora2_train.objective import DDPMSchedule, mse_loss
-from lora2_train.planted import (RandomConditioning, balanced_gains, make_teacher, plan_pair_ranks, spearman,
-                                 target_modules)
-from lora2_train.trainer import Trainer
+from lora2_train.planted import build_planted_task, spearman
 
-FULL = dict(width=32, context=128, depth=(0, 0, 1), middle=-2, latent=16, batch=8, steps=500, strength=1.0,
-            ranks=(4, 8, 16, 32, 64, 128))
-QUICK = dict(width=16, context=64, depth=(0, 0, 1), middle=-2, latent=8, batch=2, steps=6, strength=1.0,
-             ranks=(4, 16))
-
-#: planted rank of each cross-attention v/out pair, as a fraction of the pair's smallest dimension
-PLANTED = (1 / 64, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
-#: LoRA² hyperparameters chosen on this benchmark (README, "Planted ranks"); λ_r is relative to this task's MSE
-LORA2 = dict(r_init=16, r_target=2, r_max=128, rank_block=4, lr=2e-3, nu_lr=3e-2, lambda_r=1.5e-5, beta=1.0,
-             resize_every=10)
+FULL = dict(batch=8, steps=300, seeds=(0, 1, 2), levels=(1, 2, 4, 8, 16, 32, 64), ranks=(4, 8, 16, 32, 64),
+            lrs=(1e-3, 2e-3, 4e-3))
+QUICK = dict(batch=8, steps=60, seeds=(0,), levels=(2, 8, 32), ranks=(4, 32), lrs=(2e-3,))
+#: LoRA² hyperparameters (README, "Planted ranks"), the same as the demo's; the learning rate comes from the sweep
+LORA2 = dict(r_init=16, r_target=1, r_max=128, rank_block=4, nu_lr=0.1, lambda_r=0.3, beta=1e4, resize_every=10)
+#: rsLoRA α of the fixed-rank baselines: ΔW = (α/√r)·B·A
+FIXED_ALPHA = 4.0
+SPLIT_SEEDS = {"train": 101, "val": 202, "test": 303}
 
 
-def build(opts, seed=0):
-    torch.manual_seed(seed)
-    ucfg = reduced(sdxl_config(), model_channels=opts["width"], context_dim=opts.get("context", 2 * opts["width"]),
-                   head_channels=opts["width"] // 2, depth=opts["depth"], middle=opts["middle"])
-    unet = SDXLUNet(ucfg).requires_grad_(False)
-    plan = plan_pair_ranks(target_modules(unet), seed=seed, fractions=PLANTED, planted=("attn2_vo",))
-    data = RandomConditioning(4, opts["latent"], ucfg.context_dim, ucfg.adm_in_channels, tokens=16)
-    g = torch.Generator().manual_seed(777)  # calibration inputs, disjoint from training and probe streams
-    b = data.sample(16, g)
-    x, t, _ = DDPMSchedule().noisy(b["latents"], g)
-    gains = balanced_gains(unet, plan, lambda m: m(x, t, **b["cond"]), opts["strength"], seed)
-    teacher = make_teacher(unet, plan, strength=opts["strength"], seed=seed, gains=gains)
-    return unet, teacher, plan, data
+@dataclass
+class Task:
+    unet: torch.nn.Module
+    plan: dict
+    train: list
+    val: list
+    test: list
+    base_val: float
+    base_test: float
 
 
-def probe_mse(unet, teacher, data, n=32):
-    """Held-out teacher mismatch: mean ‖student − teacher‖² on a fixed probe set."""
-    g = torch.Generator().manual_seed(12345)
-    b = data.sample(n, g)
-    x, t, _ = DDPMSchedule().noisy(b["latents"], g)
+def _batches(unet, teacher, data, n, batch, seed):
+    """n batches (x_t, t, cond, teacher ε̂) drawn from their own generator."""
+    g = torch.Generator().manual_seed(seed)
+    sched, out = DDPMSchedule(), []
     with torch.no_grad():
-        return float(mse_loss(unet(x, t, **b["cond"]), teacher(x, t, **b["cond"])))
-
-
-def train_lora2(opts, overrides=None):
-    unet, teacher, plan, data = build(opts)
-    cfg = LoRA2Config(**{**LORA2, "steps": opts["steps"], "batch_size": opts["batch"], "checkpoint_every": 10**6,
-                         **(overrides or {})})
-    net = LoRA2Network(cfg, unet).apply_to()
-    res = Trainer(unet, net, data, cfg, teacher=teacher).train()
-    keys = sorted(plan)
-    planted = [k for k in keys if plan[k] > 0]
-    return {"params": res.num_params, "mse": probe_mse(unet, teacher, data),
-            "spearman": spearman([plan[k] for k in keys], [res.ranks[k] for k in keys]),
-            "spearman_planted": spearman([plan[k] for k in planted], [res.ranks[k] for k in planted]),
-            "ranks": res.ranks, "plan": plan}
-
-
-def train_fixed(opts, rank):
-    """Plain LoRA at a fixed rank, same data stream, schedule, optimizer and steps as LoRA²."""
-    unet, teacher, _, data = build(opts)
-    net = FixedLoRANetwork(unet, rank)
-    opt = torch.optim.Adam(net.parameters(), lr=LORA2["lr"], foreach=True)
-    sched, g = DDPMSchedule(), torch.Generator().manual_seed(0)
-    for _ in range(opts["steps"]):
-        b = data.sample(opts["batch"], g)
-        x, t, _ = sched.noisy(b["latents"], g)
-        with torch.no_grad():
-            target = teacher(x, t, **b["cond"])
-        loss = mse_loss(unet(x, t, **b["cond"]), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return {"params": net.num_parameters(), "mse": probe_mse(unet, teacher, data)}
-
-
-def fixed_params_at_mse(fixed: dict, mse: float):
-    """Parameters a fixed-rank LoRA needs to reach `mse`, interpolated in log(params) along the sweep; None if none does."""
-    pts = sorted((v["params"], v["mse"]) for v in fixed.values())
-    best_so_far = []
-    for p, m in pts:
-        if m <= mse:
-            if not best_so_far:
-                return p
-            p0, m0 = best_so_far[-1]
-            if m0 == m:
-                return p
-            w = (m0 - mse) / (m0 - m)
-            return math.exp(math.log(p0) + w * (math.log(p) - math.log(p0)))
-        best_so_far.append((p, m))
-    return None
-
-
-def _by_planted(plan: dict) -> dict:
-    """planted rank → keys of the components planted at it."""
-    out = {}
-    for k, r in plan.items():
-        out.setdefault(r, []).append(k)
+        for _ in range(n):
+            b = data.sample(batch, g)
+            x, t, _ = sched.noisy(b["latents"], g)
+            out.append((x, t, b["cond"], teacher(x, t, **b["cond"])))
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--steps", type=int, default=None)
-    args = ap.parse_args()
-    opts = dict(QUICK if args.quick else FULL)
-    if args.steps:
-        opts["steps"] = args.steps
+def evaluate(unet, batches) -> float:
+    with torch.no_grad():
+        return statistics.fmean(float(mse_loss(unet(x, t, **c), y)) for x, t, c, y in batches)
+
+
+def build_task(opts, seed: int) -> Task:
+    unet, teacher, plan, data = build_planted_task(seed, opts["levels"])
+    split = lambda name, n, b: _batches(unet, teacher, data, n, b, SPLIT_SEEDS[name] * 1000 + seed)
+    train, val, test = split("train", opts["steps"], opts["batch"]), split("val", 4, 16), split("test", 4, 16)
+    return Task(unet, plan, train, val, test, evaluate(unet, val), evaluate(unet, test))
+
+
+def train_arm(task: Task, arm, lr: float, opts, seed: int) -> dict:
+    """One student: LoRA² ('lora2', 'noreg') or fixed rank r (int), the same loop for all."""
+    torch.manual_seed(seed)
+    if isinstance(arm, int):
+        net = FixedLoRANetwork(task.unet, arm, alpha=FIXED_ALPHA)
+        opt = torch.optim.Adam(net.parameters(), lr=lr, foreach=True)
+        cfg = None
+    else:
+        cfg = LoRA2Config(**{**LORA2, "lr": lr, "seed": seed, **({"lambda_r": 0.0} if arm == "noreg" else {})})
+        net = LoRA2Network(cfg, task.unet).apply_to()
+        opt = torch.optim.Adam(net.param_groups(), foreach=True)
+    try:
+        for step, (x, t, c, y) in enumerate(task.train):
+            loss = mse_loss(task.unet(x, t, **c), y) / task.base_val
+            if cfg is not None and cfg.lambda_r > 0:
+                rank_term, weight_term = net.reg_loss()
+                loss = loss + cfg.lambda_r * (rank_term + cfg.beta * weight_term)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if cfg is not None and (step + 1) % cfg.resize_every == 0 and step + 1 < len(task.train):
+                net.resize(opt)
+        res = {"params": net.num_parameters(), "val": evaluate(task.unet, task.val),
+               "test": evaluate(task.unet, task.test), "lr": lr}
+        if cfg is not None:
+            res["ranks"] = {k: l.effective_rank() for k, l in net.layers.items()}
+        return res
+    finally:
+        net.restore()
+
+
+def tuned(task, arm, opts, seed, log) -> dict:
+    """The arm at every learning rate; the one with the lowest validation error is kept."""
+    runs = [train_arm(task, arm, lr, opts, seed) for lr in opts["lrs"]]
+    best = min(runs, key=lambda r: r["val"])
+    best["val_by_lr"] = {f"{r['lr']:g}": round(r["val"] / task.base_val, 4) for r in runs}
+    log(f"  {arm}: lr={best['lr']:g} params={best['params']} test={best['test'] / task.base_test:.4f} "
+        f"(val by lr {best['val_by_lr']})")
+    return best
+
+
+def fixed_params_at_mse(fixed: dict, mse: float):
+    """Parameters a fixed-rank LoRA needs to reach `mse`: the smallest rank that does, interpolated on log
+    parameters against the next smaller rank; None if no rank does."""
+    pts = sorted((v["params"], v["test"]) for v in fixed.values())
+    for i, (p, m) in enumerate(pts):
+        if m <= mse:
+            if i == 0:
+                return p
+            p0, m0 = pts[i - 1]
+            w = (m0 - mse) / (m0 - m)
+            return math.exp(math.log(p0) + w * (math.log(p) - math.log(p0)))
+    return None
+
+
+def rank_metrics(plan: dict, ranks: dict, r_min: int = 1) -> dict:
+    keys = sorted(plan)
+    planted = [k for k in keys if plan[k] > 0]
+    zeros = [k for k in keys if plan[k] == 0]
+    levels = sorted({plan[k] for k in planted})
+    means = {str(v): round(statistics.fmean(ranks[k] for k in planted if plan[k] == v), 2) for v in levels}
+    return {
+        "spearman_planted": round(spearman([plan[k] for k in planted], [ranks[k] for k in planted]), 4),
+        "spearman_all": round(spearman([plan[k] for k in keys], [ranks[k] for k in keys]), 4),
+        "level_means": means,
+        "levels_increasing": all(means[str(a)] < means[str(b)] for a, b in zip(levels, levels[1:])),
+        "zero_mean_rank": round(statistics.fmean(ranks[k] for k in zeros), 2) if zeros else None,
+        "zero_at_floor": round(sum(ranks[k] <= r_min for k in zeros) / len(zeros), 4) if zeros else None,
+    }
+
+
+def run_seed(opts, seed, log) -> dict:
     t0 = time.perf_counter()
-    unet, teacher, _, data = build(opts)
-    base_mse = probe_mse(unet, teacher, data)
-    print(f"untrained: mse={base_mse:.4g}", flush=True)
-    lora2 = train_lora2(opts)
-    print(f"lora2: params={lora2['params']} mse={lora2['mse']:.4g} spearman={lora2['spearman']:.3f}", flush=True)
-    noreg = train_lora2(opts, {"lambda_r": 0.0})
-    print(f"lora2 without L_reg: params={noreg['params']} mse={noreg['mse']:.4g}", flush=True)
-    fixed = {}
-    for r in opts["ranks"]:
-        fixed[r] = train_fixed(opts, r)
-        print(f"fixed rank {r}: params={fixed[r]['params']} mse={fixed[r]['mse']:.4g}", flush=True)
-    plan = lora2["plan"]
-    equal = fixed_params_at_mse(fixed, lora2["mse"])
-    largest = fixed[max(fixed)]
-    best = min(fixed.values(), key=lambda v: v["mse"])  # the fixed rank with the lowest error
-    dominated = any(v["params"] <= lora2["params"] and v["mse"] < lora2["mse"] for v in fixed.values())
+    task = build_task(opts, seed)
+    log(f"seed {seed}: {len(task.plan)} components, {sum(v > 0 for v in task.plan.values())} planted; "
+        f"untrained test error {task.base_test:.4g}")
+    lora2 = tuned(task, "lora2", opts, seed, log)
+    noreg = train_arm(task, "noreg", lora2["lr"], opts, seed)  # the ablation at LoRA²'s learning rate
+    fixed = {r: tuned(task, r, opts, seed, log) for r in opts["ranks"]}
+    rel = lambda v: round(v / task.base_test, 4)
+    equal = fixed_params_at_mse(fixed, lora2["test"])
+    out = {
+        "seed": seed, **rank_metrics(task.plan, lora2["ranks"]),
+        "lora2": {"params": lora2["params"], "test": rel(lora2["test"]), "lr": lora2["lr"],
+                  "mean_rank": round(statistics.fmean(lora2["ranks"].values()), 2)},
+        "noreg": {"params": noreg["params"], "test": rel(noreg["test"]),
+                  "level_means": rank_metrics(task.plan, noreg["ranks"])["level_means"]},
+        "fixed": {str(r): {"params": v["params"], "test": rel(v["test"]), "lr": v["lr"]} for r, v in fixed.items()},
+        "params_ratio_at_equal_mse": round(equal / lora2["params"], 3) if equal else None,
+        "dominated_by": [r for r, v in fixed.items() if v["params"] <= lora2["params"] and v["test"] < lora2["test"]],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    log(f"seed {seed}: spearman_planted={out['spearman_planted']} level_means={out['level_means']} "
+        f"zero_at_floor={out['zero_at_floor']} params_ratio_at_equal_mse={out['params_ratio_at_equal_mse']}")
+    return out
+
+
+def _seed_job(args):
+    opts, seed, threads = args
+    torch.set_num_threads(threads)
+    return run_seed(opts, seed, lambda m: print(f"[seed {seed}] {m}", flush=True))
+
+
+def _ints(text):
+    return tuple(int(v) for v in text.split(","))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one seed, three levels, 60 steps")
+    ap.add_argument("--seeds", type=_ints)
+    ap.add_argument("--levels", type=_ints, help="planted non-zero ranks, comma-separated")
+    ap.add_argument("--ranks", type=_ints, help="fixed ranks of the baselines")
+    ap.add_argument("--lrs", type=lambda s: tuple(float(v) for v in s.split(",")), help="learning-rate sweep")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--jobs", type=int, default=3, help="seeds trained side by side in worker processes")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    args = ap.parse_args(argv)
+    opts = dict(QUICK if args.quick else FULL)
+    for name in ("seeds", "levels", "ranks", "lrs", "steps"):
+        if getattr(args, name):
+            opts[name] = getattr(args, name)
+    t0 = time.perf_counter()
+    jobs = [(opts, s, args.threads) for s in opts["seeds"]]
+    if args.jobs > 1 and len(jobs) > 1:
+        import multiprocessing
+        with multiprocessing.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
+            per_seed = pool.map(_seed_job, jobs, chunksize=1)
+    else:
+        per_seed = [_seed_job(j) for j in jobs]
+    mean = lambda key: round(statistics.fmean(s[key] for s in per_seed), 4)
+    levels = list(per_seed[0]["level_means"])
+    level_means = {v: round(statistics.fmean(s["level_means"][v] for s in per_seed), 2) for v in levels}
+    ratios = [s["params_ratio_at_equal_mse"] for s in per_seed]
     print_result({
-        "benchmark": "planted_ranks", "quick": args.quick, "steps": opts["steps"], "components": len(plan),
-        "spearman": round(lora2["spearman"], 4), "spearman_planted": round(lora2["spearman_planted"], 4),
-        "base_mse": float(f"{base_mse:.4g}"),
-        "lora2_params": lora2["params"], "lora2_mse": float(f"{lora2['mse']:.4g}"),
-        "lora2_mean_rank_by_planted": {str(r): round(sum(lora2["ranks"][k] for k in ks) / len(ks), 2)
-                                       for r, ks in sorted(_by_planted(plan).items())},
-        "noreg_params": noreg["params"], "noreg_mse": float(f"{noreg['mse']:.4g}"),
-        "noreg_mean_rank_by_planted": {str(r): round(sum(noreg["ranks"][k] for k in ks) / len(ks), 2)
-                                       for r, ks in sorted(_by_planted(plan).items())},
-        "noreg_spearman": round(noreg["spearman"], 4),
-        "fixed": {str(r): {"params": v["params"], "mse": float(f"{v['mse']:.4g}")} for r, v in fixed.items()},
-        "params_ratio_vs_fixed_at_equal_mse": round(equal / lora2["params"], 3) if equal else None,
-        "params_ratio_vs_largest_fixed": round(largest["params"] / lora2["params"], 3),
-        "params_ratio_vs_best_fixed": round(best["params"] / lora2["params"], 3),
-        "best_fixed_mse_vs_lora2": round(best["mse"] / lora2["mse"], 3),
-        "params_ratio_vs_rank512_at_equal_mse": None,
-        "lora2_dominated_by_a_fixed_rank": dominated,
+        "benchmark": "planted_ranks", "quick": args.quick, "steps": opts["steps"], "seeds": list(opts["seeds"]),
+        "levels": list(opts["levels"]), "lrs": list(opts["lrs"]),
+        "spearman_planted": mean("spearman_planted"),
+        "spearman_planted_per_seed": [s["spearman_planted"] for s in per_seed],
+        "spearman_all": mean("spearman_all"),
+        "level_means": level_means,
+        "levels_increasing": all(level_means[a] < level_means[b] for a, b in zip(levels, levels[1:])),
+        "zero_at_floor": mean("zero_at_floor"),
+        "params_ratio_at_equal_mse": (round(statistics.fmean(ratios), 3) if all(r is not None for r in ratios)
+                                      else None),
+        "params_ratio_at_equal_mse_per_seed": ratios,
+        "lora2_dominated": any(s["dominated_by"] for s in per_seed),
+        "per_seed": per_seed,
         "seconds": round(time.perf_counter() - t0, 1),
         **threads_note(),
     })

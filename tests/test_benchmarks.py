@@ -18,14 +18,15 @@ def run(script, *args):
 
 def test_planted_ranks_quick():
     res = run("planted_ranks.py", "--quick")
-    for key in ("spearman", "spearman_planted", "base_mse", "lora2_params", "lora2_mse", "fixed", "noreg_params",
-                "params_ratio_vs_largest_fixed", "params_ratio_vs_best_fixed", "best_fixed_mse_vs_lora2"):
-        assert key in res
-    assert res["components"] == 40 and res["base_mse"] > 0
-    assert set(res["lora2_mean_rank_by_planted"]) == {"0", "1", "4", "8", "16", "32"}  # 1/64 … 1/2 of 64
-    assert set(res["fixed"]) == {"4", "16"}
-    assert -1.0 <= res["spearman"] <= 1.0
-    assert res["fixed"]["16"]["params"] > res["fixed"]["4"]["params"]
+    for key in ("spearman_planted", "spearman_planted_per_seed", "spearman_all", "level_means", "levels_increasing",
+                "zero_at_floor", "params_ratio_at_equal_mse", "lora2_dominated", "per_seed"):
+        assert key in res, key
+    (seed,) = res["per_seed"]
+    assert set(res["level_means"]) == {"2", "8", "32"} and res["seeds"] == [0]
+    assert set(seed["fixed"]) == {"4", "32"} and seed["fixed"]["32"]["params"] > seed["fixed"]["4"]["params"]
+    for arm in [seed["lora2"], seed["noreg"], *seed["fixed"].values()]:
+        assert 0 < arm["test"] < 1.5 and arm["params"] > 0  # test error relative to the untrained student
+    assert seed["lora2"]["lr"] == 2e-3 and -1.0 <= res["spearman_planted"] <= 1.0
 
 
 def test_step_time_quick():
@@ -35,16 +36,24 @@ def test_step_time_quick():
     assert set(res["sec_per_step"]) == {"lora2", "fixed_same_max", "fixed_same_mean"}
 
 
-def test_fixed_params_at_mse_interpolates():
+def test_fixed_params_at_mse_interpolates_against_the_next_smaller_rank():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        from planted_ranks import fixed_params_at_mse
+        from planted_ranks import fixed_params_at_mse, rank_metrics
     finally:
         sys.path.pop(0)
-    fixed = {4: {"params": 100, "mse": 1.0}, 8: {"params": 400, "mse": 0.5}}
+    fixed = {4: {"params": 100, "test": 1.0}, 8: {"params": 400, "test": 0.5}, 16: {"params": 1600, "test": 0.6}}
     assert fixed_params_at_mse(fixed, 2.0) == 100
-    assert fixed_params_at_mse(fixed, 0.75) == pytest.approx(200.0)
+    assert fixed_params_at_mse(fixed, 0.75) == pytest.approx(200.0)  # halfway on log params
+    assert fixed_params_at_mse(fixed, 0.55) == pytest.approx(100 * 4 ** 0.9)  # rank 16 (worse than 8) plays no part
     assert fixed_params_at_mse(fixed, 0.1) is None
+    plan = {"a": 0, "b": 0, "c": 2, "d": 2, "e": 8, "f": 8}
+    m = rank_metrics(plan, {"a": 1, "b": 3, "c": 2, "d": 4, "e": 9, "f": 7})
+    assert m["level_means"] == {"2": 3.0, "8": 8.0} and m["levels_increasing"]
+    assert m["zero_at_floor"] == 0.5 and m["spearman_planted"] == pytest.approx(0.8944, abs=1e-4)
+    inverted = rank_metrics(plan, {"a": 1, "b": 1, "c": 9, "d": 9, "e": 2, "f": 2})
+    assert inverted["spearman_planted"] == -1.0 and not inverted["levels_increasing"]
+    assert inverted["spearman_all"] <= 0.5
 
 
 def test_tools_io_quick():
