@@ -150,15 +150,19 @@ def balanced_gains(unet: nn.Module, plan: dict[str, int], run, strength: float =
     equalizes it; `run(model)` evaluates a model on fixed probe inputs.
     """
     ref = run(unet)
-    deltas = planted_deltas(target_modules(unet), plan, strength, seed)
+    mods = target_modules(unet)
+    deltas = planted_deltas(mods, plan, strength, seed)
     units = attention_units(k for k in plan if plan[k] > 0)
     per_dir = {}
     for u, keys in units.items():
-        model = copy.deepcopy(unet)
-        mods = target_modules(model)
-        for k in keys:
-            mods[k].weight += deltas[k]
-        per_dir[u] = max(float((run(model) - ref).square().mean()), 1e-30) / max(plan[k] for k in keys)
+        saved = {k: mods[k].weight.clone() for k in keys}
+        try:
+            for k in keys:
+                mods[k].weight += deltas[k]
+            per_dir[u] = max(float((run(unet) - ref).square().mean()), 1e-30) / max(plan[k] for k in keys)
+        finally:
+            for k in keys:
+                mods[k].weight.copy_(saved[k])
     if not per_dir:
         return {}
     mean = torch.tensor(list(per_dir.values()), dtype=torch.float64).log().mean().exp().item()
@@ -196,6 +200,34 @@ class RandomConditioning:
                 "y": torch.randn(batch_size, self.adm_dim, generator=generator),
             },
         }
+
+
+#: the planted-rank task of the demo and benchmarks/planted_ranks.py (spec §7)
+PLANTED_TASK = dict(channels=128, depth=15, context_dim=128, head_channels=16, size=4, tokens=16,
+                    levels=(1, 2, 4, 8, 16, 32, 64))
+
+
+@torch.no_grad()
+def build_planted_task(seed: int = 0, levels=None, **overrides):
+    """(student model, teacher, plan, data) of the planted-rank task (spec §7).
+
+    Model: :class:`PlantedStack` (random weights, seeded); plan: :func:`plan_level_ranks` on the
+    cross-attention value/output pairs; teacher: the model plus the planted ΔW, every planted
+    direction moving the output equally (:func:`balanced_gains`, calibrated on 8 inputs of their
+    own stream); data: Gaussian tokens and text conditioning (:class:`RandomConditioning`).
+    """
+    from .objective import DDPMSchedule
+
+    o = {**PLANTED_TASK, **overrides}
+    torch.manual_seed(seed)
+    model = PlantedStack(o["channels"], o["depth"], o["context_dim"], o["head_channels"]).requires_grad_(False)
+    plan = plan_level_ranks(target_modules(model), levels or o["levels"], seed=seed)
+    data = RandomConditioning(o["channels"], o["size"], o["context_dim"], 1, tokens=o["tokens"])
+    g = torch.Generator().manual_seed(404_000 + seed)
+    b = data.sample(8, g)
+    x, t, _ = DDPMSchedule().noisy(b["latents"], g)
+    gains = balanced_gains(model, plan, lambda m: m(x, t, **b["cond"]), 1.0, seed)
+    return model, make_teacher(model, plan, strength=1.0, seed=seed, gains=gains), plan, data
 
 
 def spearman(a, b) -> float:

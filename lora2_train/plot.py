@@ -111,6 +111,54 @@ def rank_chart(ranks_list: list[dict[str, int]], labels: list[str] | None = None
     return image
 
 
+def planted_chart(plan: dict[str, int], ranks: dict[str, float], history: list[dict] | None = None,
+                  title: str = "LoRA² on a planted-rank teacher", path: str | Path | None = None):
+    """Learned rank against planted rank (one dot per component, level means joined; rank-0 components
+    at x = 0), and, with `history`, the mean learned rank of each planted level over training.
+    Returns an RGB array (H, W, 3); optionally saves a PNG."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    levels = sorted(set(plan.values()))
+    pos = {v: i for i, v in enumerate(levels)}
+    fig, axes = plt.subplots(1, 2 if history else 1, figsize=(11 if history else 6, 4), dpi=90, squeeze=False)
+    ax = axes[0, 0]
+    jitter = np.random.default_rng(0)
+    xs = [pos[plan[k]] + jitter.uniform(-0.15, 0.15) for k in plan]
+    ax.scatter(xs, [ranks[k] for k in plan], s=12, alpha=0.6, color="tab:blue", label="component")
+    means = [np.mean([ranks[k] for k in plan if plan[k] == v]) for v in levels]
+    ax.plot(range(len(levels)), means, "o-", color="tab:red", label="mean per level")
+    ax.plot(range(len(levels)), levels, "k--", lw=0.8, label="learned = planted")
+    ax.set_xticks(range(len(levels)))
+    ax.set_xticklabels([str(v) for v in levels])
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_xlabel("planted rank")
+    ax.set_ylabel("learned rank D(ν)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    if history:
+        ax = axes[0, 1]
+        cmap = plt.get_cmap("viridis")
+        steps = [h["step"] for h in history]
+        for i, v in enumerate(levels):
+            keys = [k for k in plan if plan[k] == v]
+            ax.plot(steps, [np.mean([h["ranks"][k] for k in keys]) for h in history], color=cmap(i / max(1, len(levels) - 1)),
+                    label=f"planted {v}")
+        ax.set_yscale("symlog", linthresh=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("mean allocated rank")
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    if path is not None:
+        fig.savefig(path)
+    plt.close(fig)
+    return image
+
+
 def _heatmap(ax, ranks_list, labels, blocks, comps) -> None:
     """Adapters × (block, component) mean ranks as a heat map, one row per adapter."""
     import numpy as np

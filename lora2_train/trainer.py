@@ -7,7 +7,9 @@ conditioning) and a noise schedule, and minimizes
     L_total = L_MSE + λ_r · (mean|ν − ν_target| + β · mean(‖A‖²+‖B‖²)/numel) + λ_e · L_entropy
 
 with Adam/AdamW, re-allocating every component at D(ν) every
-``resize_every`` steps.  Checkpoints hold ν, weights, optimizer, step and RNG.
+``resize_every`` steps (never after the last step: the adapter a run ends with
+is the one that gave its last loss).  Checkpoints hold ν, weights, optimizer,
+step and RNG.
 """
 from __future__ import annotations
 

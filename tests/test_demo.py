@@ -14,12 +14,14 @@ def test_demo_writes_ragged_adapter_chart_and_summary(tmp_path):
     for name in OUTPUTS:
         assert (tmp_path / name).exists()
     ad = load_adapter(tmp_path / "lora2_demo.safetensors")
-    assert len(ad.modules) == 560
-    assert all(k.startswith("lora_unet_") for k in ad.modules)
+    assert len(ad.modules) == 120  # 15 transformer blocks × 8 attention projections
+    assert all(k.startswith("lora_unet_transformer_transformer_blocks_") for k in ad.modules)
     ranks = ad.ranks()
     assert len(set(ranks.values())) >= 2, "per-module ranks should differ"
     assert json.loads(ad.metadata["lora2_ranks"]) == ranks
-    assert summary["components"] == 560 and summary["steps"] == 20
+    assert summary["components"] == 120 and summary["steps"] == 20
+    assert set(summary["level_means"]) == {"1", "2", "4", "8", "16", "32", "64"}
+    assert -1 <= summary["spearman_planted"] <= 1 and 0 <= summary["zero_at_floor"] <= 1
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     img = Image.open(tmp_path / "ranks.png")
     assert img.size[0] > 400 and img.size[1] > 300

@@ -101,3 +101,36 @@ def test_balanced_gains_equalize_output_change_per_direction():
 
     assert spread({}) > 2.0  # unbalanced, pairs differ a lot in how much each direction shows
     assert spread(gains) < 1.3
+
+
+def test_learned_ranks_follow_planted_ranks_in_the_planted_stack():
+    """The planted-rank task of the demo and benchmark, small enough for CI: 6 SDXL transformer blocks whose
+    cross-attention value/output pairs carry ranks 2, 8 and 32 (two pairs each), 36 components at rank 0.
+    Fails when ν stops learning from the data (ranks all alike) or the ordering breaks."""
+    import statistics
+
+    from lora2_train.config import LoRA2Config
+    from lora2_train.demo import DEMO_CONFIG
+    from lora2_train.network import LoRA2Network
+    from lora2_train.planted import build_planted_task
+    from lora2_train.trainer import Trainer
+
+    model, teacher, plan, data = build_planted_task(0, levels=(2, 8, 32), depth=6)
+    cfg = LoRA2Config(**{**DEMO_CONFIG, "steps": 200, "checkpoint_every": 10 ** 6})
+    net = LoRA2Network(cfg, model).apply_to()
+    probe = data.sample(16, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        def mismatch():
+            return float((model(probe["latents"], None, **probe["cond"]) -
+                          teacher(probe["latents"], None, **probe["cond"])).square().mean())
+        before = mismatch()
+    Trainer(model, net, data, cfg, teacher=teacher).train()
+    with torch.no_grad():
+        assert mismatch() < 0.7 * before  # the student learned the teacher
+    learned = {k: l.effective_rank() for k, l in net.layers.items()}
+    planted = [k for k in plan if plan[k] > 0]
+    means = {v: statistics.fmean(learned[k] for k in planted if plan[k] == v) for v in (2, 8, 32)}
+    zero = statistics.fmean(learned[k] for k in plan if plan[k] == 0)
+    assert means[2] < means[8] < means[32], (means, learned)
+    assert spearman([plan[k] for k in planted], [learned[k] for k in planted]) >= 0.8, (means, learned)
+    assert zero < means[8], (zero, means)
