@@ -435,7 +435,7 @@ def _comfyui_checks(ctx, H, graphs, client, ckpt_name) -> dict:
     from PIL import Image
 
     if ctx.dry:
-        res_px, train_steps, sample_steps, budget, repeats, loader_px = 128, 2, 1, 4.0, 1, 64
+        res_px, train_steps, sample_steps, budget, repeats, loader_px = 64, 2, 1, 4.0, 1, 64
         knobs = dict(r_init=8, r_max=16, r_target=4)
     else:
         res_px, train_steps, sample_steps, budget, repeats, loader_px = 1024, 20, 4, 32.0, 3, 512

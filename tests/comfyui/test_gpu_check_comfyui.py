@@ -1,11 +1,20 @@
 """The ComfyUI part of benchmarks/gpu_check.py (dry run) against the session's headless ComfyUI: Train LoRA² →
-Load LoRA² Adapter under a rank budget → sample → decoded image; both loaders timed."""
+Load LoRA² Adapter under a rank budget → sample → decoded image; both loaders timed.
+
+Five prompts on the CPU ComfyUI cost about 150 CPU-seconds, so this runs only with LORA2_GPU_CHECK_COMFYUI=1
+(CI's dry run of gpu_check.py covers the other parts and import-checks this one)."""
 import json
 import math
+import os
 import subprocess
 import sys
 
+import pytest
+
 import comfyui_harness as H
+
+pytestmark = pytest.mark.skipif(not os.environ.get("LORA2_GPU_CHECK_COMFYUI"),
+                                reason="LORA2_GPU_CHECK_COMFYUI is not set (about 150 CPU-seconds of ComfyUI)")
 
 
 def test_gpu_check_comfyui_part(comfyui_alive, koala_checkpoint, tmp_path):
@@ -20,12 +29,11 @@ def test_gpu_check_comfyui_part(comfyui_alive, koala_checkpoint, tmp_path):
         assert part["device_type"] == "cpu" and part["checkpoint"] == koala_checkpoint.name
         train, sample, loaders = part["train"], part["load_sample"], part["loaders"]
         assert train["steps"] == 2 and train["losses_finite"] and (server.dirs["loras"] / train["saved"]).is_file()
-        assert sample["max_rank_used"] <= sample["rank_budget"] and sample["image_size"] == [128, 128]
+        assert sample["max_rank_used"] <= sample["rank_budget"] and sample["image_size"] == [64, 64]
         assert sample["image_std"] > 0  # a decoded image, not a blank one
         med = loaders["median_s"]
         assert set(med) == {"none", "lora2", "stock"} and all(math.isfinite(v) and v > 0 for v in med.values())
-        assert loaders["ratio_wall"] == round(med["lora2"] / med["stock"], 4) or abs(
-            loaders["ratio_wall"] - med["lora2"] / med["stock"]) < 1e-3
+        assert loaders["ratio_wall"] == pytest.approx(med["lora2"] / med["stock"], rel=1e-3)
     finally:
         for p in server.dirs["loras"].glob("gpucheck_*"):
             p.unlink()
