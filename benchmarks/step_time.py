@@ -15,6 +15,7 @@ Last line: JSON with the per-step medians and the ratios.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -28,18 +29,87 @@ from lora2_train.network import LoRA2Network
 from lora2_train.objective import DDPMSchedule, mse_loss
 
 
-def ragged_ranks(keys, r_max, seed=0):
-    """A spread of ranks like a trained LoRA² adapter: geometric levels from 4 to r_max."""
+def ragged_ranks(keys, r_max, seed=0, mean=None):
+    """A spread of ranks like a trained LoRA² adapter over geometric levels from 4 to r_max.
+
+    Without `mean`: each key draws a level uniformly.  With `mean`: the levels are weighted geometrically
+    (w_i ∝ a^i, `a` found by bisection so that the weighted mean level is `mean`), the keys get the levels at
+    evenly spaced quantiles of that distribution (so the realized mean is close to `mean` and the largest level
+    occurs when its share is at least 1/(2·len(keys))), in a random order."""
     g = torch.Generator().manual_seed(seed)
     levels = [r for r in (4, 8, 16, 32, 64, 128, 256, 512) if r <= r_max]
-    return {k: levels[int(torch.randint(0, len(levels), (1,), generator=g))] for k in keys}
+    keys = list(keys)
+    if mean is None:
+        return {k: levels[int(torch.randint(0, len(levels), (1,), generator=g))] for k in keys}
+    if not levels[0] <= mean <= levels[-1]:
+        raise ValueError(f"mean rank {mean} outside the levels {levels[0]}…{levels[-1]}")
+
+    def weights(log_a):
+        w = [math.exp(log_a * i) for i in range(len(levels))]
+        return [x / sum(w) for x in w]
+
+    lo, hi = -20.0, 20.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if sum(w * r for w, r in zip(weights(mid), levels)) < mean:
+            lo = mid
+        else:
+            hi = mid
+    cdf, acc = [], 0.0
+    for w in weights((lo + hi) / 2):
+        acc += w
+        cdf.append(acc)
+    n = len(keys)
+    picks = [next((r for r, c in zip(levels, cdf) if (j + 0.5) / n <= c), levels[-1]) for j in range(n)]
+    order = torch.randperm(n, generator=g).tolist()
+    return {k: picks[i] for k, i in zip(keys, order)}
 
 
 def set_ranks(net: LoRA2Network, ranks: dict) -> None:
+    """Start every component at its rank in `ranks` (through the layers' rank API, which re-allocates);
+    B gets small random values so that the adapters are not zero."""
     with torch.no_grad():
         for k, layer in net.layers.items():
             layer.set_rank(ranks[k])
             layer.lora_up.normal_(std=1e-3)
+
+
+def build_arm(unet, dev, cfg: LoRA2Config | None = None, mean: float | None = None, rank: int | None = None):
+    """(network, Adam) of one arm, not attached to the UNet: LoRA² (`cfg`; ragged ranks up to r_max, around
+    `mean` if given, see :func:`ragged_ranks`) or plain LoRA at `rank`."""
+    if cfg is not None:
+        net = LoRA2Network(cfg, unet).to(dev)
+        set_ranks(net, ragged_ranks(sorted(net.layers), cfg.r_max, mean=mean))
+        params = net.param_groups()
+    else:
+        net = FixedLoRANetwork(unet, rank).to(dev)
+        net.restore()
+        params = [{"params": list(net.parameters())}]
+    return net, torch.optim.Adam(params, lr=1e-4, foreach=True)
+
+
+def train_step(unet, net, opt, schedule, x0, cond, g, amp_dtype=None, cfg: LoRA2Config | None = None,
+               step: int = 0) -> torch.Tensor:
+    """One Adam step of an attached arm on (x0, cond) with fresh noise; LoRA² (`cfg` given) adds λ_r·L_reg and
+    re-allocates every `cfg.resize_every` steps (`step` counts from 1).  `amp_dtype`: autocast dtype or None."""
+    xt, t, noise = schedule.noisy(x0, g)
+    dtype = next(unet.parameters()).dtype
+    with torch.autocast(x0.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        loss = mse_loss(unet(xt.to(dtype), t, **{k: v.to(dtype) for k, v in cond.items()}), noise)
+    if cfg is not None:
+        rt, wt = net.reg_loss()
+        loss = loss + cfg.lambda_r * (rt + cfg.beta * wt)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if cfg is not None and step % cfg.resize_every == 0:
+        net.resize(opt)
+    return loss.detach()
+
+
+def lora_state_bytes(net) -> int:
+    """Parameters + gradients + Adam's two moments, fp32."""
+    return 4 * 4 * sum(p.numel() for p in net.parameters() if p.dim() > 0)
 
 
 def main():
@@ -73,43 +143,18 @@ def main():
 
     cfg = LoRA2Config(r_init=min(64, r_max), r_target=min(64, r_max), r_max=r_max, lr=1e-4, nu_lr=1e-2,
                       lambda_r=1e-3, beta=1e-2, steps=10**6)
-    lora2 = LoRA2Network(cfg, unet).to(dev)
-    ranks = ragged_ranks(sorted(lora2.layers), r_max)
-    set_ranks(lora2, ranks)
-    mean_rank = sum(lora2.ranks().values()) / len(lora2.layers)
-    arms = {"lora2": lora2}
-    state = {}
-
-    def make_fixed(rank):
-        net = FixedLoRANetwork(unet, rank).to(dev)
-        net.restore()
-        return net
-    arms["fixed_same_max"] = make_fixed(r_max)
-    arms["fixed_same_mean"] = make_fixed(max(1, round(mean_rank)))
-    for name, net in arms.items():
-        params = list(net.param_groups()) if name == "lora2" else [{"params": list(net.parameters())}]
-        state[name] = {"opt": torch.optim.Adam(params, lr=1e-4, foreach=True), "times": [], "step": 0}
-
-    def attach(name):
-        arms[name].apply_to()  # LoRA²: also the per-call vectorized Λ hook on the UNet
-
-    def detach(name):
-        arms[name].restore()
+    lora2 = build_arm(unet, dev, cfg)
+    mean_rank = sum(lora2[0].ranks().values()) / len(lora2[0].layers)
+    arms = {"lora2": lora2, "fixed_same_max": build_arm(unet, dev, rank=r_max),
+            "fixed_same_mean": build_arm(unet, dev, rank=max(1, round(mean_rank)))}
+    state = {name: {"times": [], "step": 0} for name in arms}
+    amp = torch.bfloat16 if args.full and dev.type == "cuda" else None
 
     def one_step(name):
-        st, net = state[name], arms[name]
-        xt, t, noise = schedule.noisy(x0, g)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.full and dev.type == "cuda"):
-            loss = mse_loss(unet(xt.to(next(unet.parameters()).dtype), t, **{k: v.to(xt.dtype) for k, v in cond.items()}), noise)
-        if name == "lora2":
-            rt, wt = net.reg_loss()
-            loss = loss + cfg.lambda_r * (rt + cfg.beta * wt)
-        st["opt"].zero_grad(set_to_none=True)
-        loss.backward()
-        st["opt"].step()
-        st["step"] += 1
-        if name == "lora2" and st["step"] % cfg.resize_every == 0:
-            net.resize(st["opt"])
+        net, opt = arms[name]
+        state[name]["step"] += 1
+        train_step(unet, net, opt, schedule, x0, cond, g, amp, cfg if name == "lora2" else None,
+                   state[name]["step"])
 
     def sync():
         if dev.type == "cuda":
@@ -117,7 +162,7 @@ def main():
 
     peak = {}
     for name in arms:  # warm-up
-        attach(name)
+        arms[name][0].apply_to()  # LoRA²: also the per-call vectorized Λ hook on the UNet
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         one_step(name)
@@ -125,33 +170,28 @@ def main():
         sync()
         if dev.type == "cuda":
             peak[name] = torch.cuda.max_memory_allocated()
-        detach(name)
+        arms[name][0].restore()
     for _ in range(args.rounds):
         for name in arms:
-            attach(name)
+            arms[name][0].apply_to()
             for _ in range(args.steps):
                 sync()
                 t0 = time.perf_counter()
                 one_step(name)
                 sync()
                 state[name]["times"].append(time.perf_counter() - t0)
-            detach(name)
-
-    def lora_bytes(name):
-        # parameters + gradients + Adam's two moments, fp32
-        n = sum(p.numel() for p in arms[name].parameters() if p.dim() > 0)
-        return 4 * 4 * n
+            arms[name][0].restore()
 
     med = {n: statistics.median(s["times"]) for n, s in state.items()}
     result = {
         "benchmark": "step_time",
         "model": "sdxl-full" if args.full else ("tiny" if args.quick else "sdxl-reduced-w64"),
         "latent": size, "batch": args.batch, "r_max": r_max, "lora2_mean_rank": round(mean_rank, 2),
-        "fixed_same_mean_rank": max(1, round(mean_rank)), "components": len(lora2.layers),
+        "fixed_same_mean_rank": max(1, round(mean_rank)), "components": len(lora2[0].layers),
         "sec_per_step": {n: round(v, 5) for n, v in med.items()},
         "ratio_vs_fixed_same_max": round(med["lora2"] / med["fixed_same_max"], 3),
         "ratio_vs_fixed_same_mean": round(med["lora2"] / med["fixed_same_mean"], 3),
-        "lora_state_bytes": {n: lora_bytes(n) for n in arms},
+        "lora_state_bytes": {n: lora_state_bytes(arms[n][0]) for n in arms},
         **threads_note(),
     }
     if peak:

@@ -134,6 +134,7 @@ class Trainer:
             "config": json.dumps(self.config.to_dict(), default=str),
             "network": self.network.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),  # fp16 loss scale and its growth count ({} when unused)
             "rng_torch": torch.get_rng_state(),
             "rng_data": self.generator.get_state(),
             "history": json.dumps(self.history),
@@ -144,7 +145,7 @@ class Trainer:
         return atomic_write_bytes(path, buf.getvalue(), overwrite=True)
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Resume: ν, weights (at their saved ranks), optimizer state, step, RNG and rank history."""
+        """Resume: ν, weights (at their saved ranks), optimizer state, fp16 loss scale, step, RNG and rank history."""
         path = Path(path)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -160,6 +161,8 @@ class Trainer:
         self.network.load_state(state["network"])
         self.optimizer = self._make_optimizer()
         self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         torch.set_rng_state(state["rng_torch"])
         self.generator.set_state(state["rng_data"])

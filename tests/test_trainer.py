@@ -84,6 +84,24 @@ def test_checkpoint_resume_is_exact(tmp_path):
         assert torch.allclose(straight[k], resumed[k], atol=1e-6), k
 
 
+def test_checkpoint_keeps_the_fp16_loss_scale(tmp_path):
+    """The GradScaler (enabled for fp16 on CUDA) resumes at its saved scale and growth count, not at its
+    initial 2^16; here a CPU scaler stands in for the CUDA one."""
+    unet, net, data, cfg = setup(steps=3, checkpoint_every=3)
+    t = Trainer(unet, net, data, cfg, out_dir=tmp_path)
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2)
+    t.train()
+    saved = t.scaler.state_dict()
+    assert saved["scale"] == 2.0 ** 11 and saved["_growth_tracker"] == 1  # grew once after 2 good steps
+    unet, net, data, cfg = setup(steps=4)
+    t2 = Trainer(unet, net, data, cfg, out_dir=tmp_path)
+    t2.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2)
+    t2.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert t2.scaler.state_dict() == saved and t2.step == 3
+    t2.train()
+    assert t2.scaler.get_scale() == 2.0 ** 12  # the saved growth count carried: one more good step grows it
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     unet, net, _, cfg = setup(steps=50, checkpoint_every=2, batch_size=1)
     data = SampledDataset(examples(n=1))

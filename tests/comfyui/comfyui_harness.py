@@ -7,10 +7,12 @@ written by ``make_checkpoint.py``.  Each server runs from its own copy of the tr
 folder, so its ``models/loras``, ``custom_nodes``, input/output/temp folders are private; the cached checkpoint
 folder is added through ``--extra-model-paths-config``; this repository is linked into its ``custom_nodes``
 folder as ``comfyui_lora2``.  Tests talk to it only through HTTP:
-``POST /prompt``, ``GET /history/<id>``, ``GET /object_info``, ``POST /interrupt``.
+``POST /prompt``, ``GET /history/<id>``, ``GET /object_info``, ``POST /interrupt``, ``GET /view``, and the
+``/ws`` websocket (:class:`Messages`); :class:`ComfyUIClient` does the same against any running ComfyUI.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -20,8 +22,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 import zipfile
@@ -129,11 +133,89 @@ class PromptFailed(AssertionError):
     pass
 
 
-class ComfyUIServer:
-    """One ComfyUI process with private folders; every interaction goes over HTTP."""
+class ComfyUIClient:
+    """HTTP (and websocket) access to a running ComfyUI at `url`, e.g. one that a :class:`ComfyUIServer` started."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.client_id = uuid.uuid4().hex
+
+    def alive(self) -> bool:
+        return True
+
+    def log_tail(self, chars: int = 6000) -> str:
+        return ""
+
+    # ---- HTTP ----------------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, body=None, timeout: float = 60):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"} if data else {})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+        return json.loads(raw) if raw else None
+
+    def get(self, path: str, timeout: float = 60):
+        return self._request("GET", path, timeout=timeout)
+
+    def image_bytes(self, image: dict, timeout: float = 60) -> bytes:
+        """The file of one entry of a node's ``images`` output (``GET /view``)."""
+        query = urllib.parse.urlencode({k: image.get(k, "") for k in ("filename", "subfolder", "type")})
+        with urllib.request.urlopen(f"{self.url}/view?{query}", timeout=timeout) as r:
+            return r.read()
+
+    def post(self, path: str, body=None, timeout: float = 60):
+        return self._request("POST", path, body if body is not None else {}, timeout=timeout)
+
+    def object_info(self, node: str | None = None) -> dict:
+        return self.get("/object_info" + (f"/{node}" if node else ""))
+
+    def interrupt(self) -> None:
+        self.post("/interrupt")
+
+    def queue(self, graph: dict) -> dict:
+        """POST /prompt.  Returns the JSON answer; a graph refused at validation gives
+        ``{"error": ..., "node_errors": ...}`` (HTTP 400) instead of raising."""
+        try:
+            return self.post("/prompt", {"prompt": graph, "client_id": self.client_id})
+        except urllib.error.HTTPError as e:
+            return json.loads(e.read() or b"{}")
+
+    def wait(self, prompt_id: str, timeout: float = 600, poll: float = 0.25) -> dict:
+        """The /history entry of a prompt once it finished (successfully or not), asked every `poll` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            hist = self.get(f"/history/{prompt_id}")
+            if hist and prompt_id in hist:
+                entry = hist[prompt_id]
+                status = entry.get("status") or {}
+                if status.get("completed") or status.get("status_str") in ("success", "error"):
+                    return entry
+            if not self.alive():
+                raise RuntimeError(f"ComfyUI died while running prompt {prompt_id}:\n{self.log_tail()}")
+            time.sleep(poll)
+        self.interrupt()
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def run(self, graph: dict, timeout: float = 600, expect_success: bool = True, poll: float = 0.25) -> dict:
+        """Queue a graph and wait for it; by default fail with the node error and the server log."""
+        answer = self.queue(graph)
+        if "prompt_id" not in answer:
+            if expect_success:
+                raise PromptFailed(f"prompt refused: {json.dumps(answer)[:3000]}")
+            return {"refused": answer}
+        entry = self.wait(answer["prompt_id"], timeout, poll)
+        if expect_success and status_str(entry) != "success":
+            raise PromptFailed(f"prompt failed: {execution_error(entry)}\n--- server log ---\n{self.log_tail()}")
+        return entry
+
+
+class ComfyUIServer(ComfyUIClient):
+    """One ComfyUI process with private folders; every interaction goes over HTTP.  ``cpu=False`` lets ComfyUI
+    pick its device (a GPU where there is one) instead of ``--cpu``."""
 
     def __init__(self, comfy_dir: Path, workdir: Path, checkpoints_dir: Path | None = None,
-                 repo: Path = REPO_ROOT):
+                 repo: Path = REPO_ROOT, cpu: bool = True):
         self.workdir = Path(workdir)
         # a private copy of the (small) ComfyUI tree: its models/, user/ and custom_nodes/ folders, where
         # nodes may write, belong to this server alone and never to the shared cache
@@ -155,15 +237,15 @@ class ComfyUIServer:
         self.paths_yaml = self.workdir / "extra_model_paths.yaml"
         self.paths_yaml.write_text("lora2_tests:\n" + "".join(f"    {k}: {v}\n" for k, v in extra.items()))
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(f"http://127.0.0.1:{self.port}")
+        self.cpu = cpu
         self.log_path = self.workdir / "server.log"
-        self.client_id = uuid.uuid4().hex
         self.proc: subprocess.Popen | None = None
 
     # ---- process -------------------------------------------------------------------------------------
     def start(self, timeout: float = 180.0) -> "ComfyUIServer":
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--disable-auto-launch", "--extra-model-paths-config", str(self.paths_yaml),
+        cmd = [sys.executable, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1",
+               "--port", str(self.port), "--disable-auto-launch", "--extra-model-paths-config", str(self.paths_yaml),
                "--output-directory", str(self.dirs["output"]), "--input-directory", str(self.dirs["input"]),
                "--temp-directory", str(self.dirs["temp"]), "--preview-method", "none"]
         env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
@@ -201,63 +283,6 @@ class ComfyUIServer:
         except OSError:
             return ""
 
-    # ---- HTTP ----------------------------------------------------------------------------------------
-    def _request(self, method: str, path: str, body=None, timeout: float = 60):
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data else {})
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            raw = r.read()
-        return json.loads(raw) if raw else None
-
-    def get(self, path: str, timeout: float = 60):
-        return self._request("GET", path, timeout=timeout)
-
-    def post(self, path: str, body=None, timeout: float = 60):
-        return self._request("POST", path, body if body is not None else {}, timeout=timeout)
-
-    def object_info(self, node: str | None = None) -> dict:
-        return self.get("/object_info" + (f"/{node}" if node else ""))
-
-    def interrupt(self) -> None:
-        self.post("/interrupt")
-
-    def queue(self, graph: dict) -> dict:
-        """POST /prompt.  Returns the JSON answer; a graph refused at validation gives
-        ``{"error": ..., "node_errors": ...}`` (HTTP 400) instead of raising."""
-        try:
-            return self.post("/prompt", {"prompt": graph, "client_id": self.client_id})
-        except urllib.error.HTTPError as e:
-            return json.loads(e.read() or b"{}")
-
-    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
-        """The /history entry of a prompt once it finished (successfully or not)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            hist = self.get(f"/history/{prompt_id}")
-            if hist and prompt_id in hist:
-                entry = hist[prompt_id]
-                status = entry.get("status") or {}
-                if status.get("completed") or status.get("status_str") in ("success", "error"):
-                    return entry
-            if not self.alive():
-                raise RuntimeError(f"ComfyUI died while running prompt {prompt_id}:\n{self.log_tail()}")
-            time.sleep(0.25)
-        self.interrupt()
-        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n{self.log_tail()}")
-
-    def run(self, graph: dict, timeout: float = 600, expect_success: bool = True) -> dict:
-        """Queue a graph and wait for it; by default fail with the node error and the server log."""
-        answer = self.queue(graph)
-        if "prompt_id" not in answer:
-            if expect_success:
-                raise PromptFailed(f"prompt refused: {json.dumps(answer)[:3000]}")
-            return {"refused": answer}
-        entry = self.wait(answer["prompt_id"], timeout)
-        if expect_success and status_str(entry) != "success":
-            raise PromptFailed(f"prompt failed: {execution_error(entry)}\n--- server log ---\n{self.log_tail()}")
-        return entry
-
 
 def status_str(entry: dict) -> str:
     return (entry.get("status") or {}).get("status_str", "")
@@ -273,3 +298,47 @@ def execution_error(entry: dict) -> dict | None:
 
 def output_images(entry: dict, node_id: str) -> list[dict]:
     return (entry.get("outputs") or {}).get(str(node_id), {}).get("images", [])
+
+
+class Messages:
+    """Collects the JSON messages ComfyUI sends a client on /ws (in a background thread, with aiohttp, which
+    ComfyUI's own server needs too)."""
+
+    def __init__(self, client: ComfyUIClient):
+        # the harness queues prompts under client.client_id; ComfyUI sends that client its progress messages
+        self.url = client.url.replace("http://", "ws://") + f"/ws?clientId={client.client_id}"
+        self.items: list[dict] = []
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self):
+        import aiohttp
+
+        async with aiohttp.ClientSession() as s, s.ws_connect(self.url) as ws:
+            self._ready.set()
+            while not self._stop.is_set():
+                try:
+                    msg = await ws.receive(timeout=0.2)
+                except asyncio.TimeoutError:
+                    continue
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    self.items.append(json.loads(msg.data))
+                elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    break
+
+    def __enter__(self):
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError(f"could not open ComfyUI's websocket {self.url}")
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(10)
+
+    def progress(self, node=None):
+        """The data of the Train LoRA² node's ``lora2.progress`` messages (of node `node` if given)."""
+        return [m["data"] for m in self.items if m.get("type") == "lora2.progress"
+                and (node is None or m["data"].get("node") == node)]
+

@@ -25,3 +25,15 @@ def sample_graph(ckpt_name: str, size: int = 256, steps: int = 2, seed: int = 0,
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
     })
     return g
+
+
+def train_node(ckpt_loader, dataset_path, name, steps=2, **over):
+    """A Train LoRA² node (embedded backend) fed from checkpoint loader node `ckpt_loader`: small defaults (256²,
+    ranks 8 → ≤ 16, attention), any input replaced through `over`."""
+    inputs = {"model": [ckpt_loader, 0], "clip": [ckpt_loader, 1], "vae": [ckpt_loader, 2],
+              "dataset_path": str(dataset_path), "instance_prompt": "a photo of sks toy", "steps": steps,
+              "learning_rate": 1e-4, "nu_learning_rate": 1e-2, "r_init": 8, "r_max": 16, "r_target": 4, "q": 0.9,
+              "lambda_r": 1.0, "lambda_e": 0.0, "seed": 0, "resolution": 256, "batch_size": 1,
+              "target_modules": "attn", "backend": "embedded", "output_name": name}
+    inputs.update(over)
+    return {"class_type": "LoRA2Train", "inputs": inputs}

@@ -1,18 +1,16 @@
 """Train LoRA² (SDXL) end to end in a headless ComfyUI: train → chart, load under a rank budget → sample → chart,
 Cancel during training, a missing dataset folder.  The random-weight KOALA-700M checkpoint, 256² images
 (32² latents), 2 steps, batch 1, rank ≤ 16: a few CPU seconds per step."""
-import asyncio
 import json
-import threading
 import time
 import uuid
 
-import aiohttp
 import pytest
 import torch
 from PIL import Image
 
 import comfyui_harness as H
+from graphs import train_node
 from lora2_train import rank as R
 from lora2_train.format import load_adapter
 from lora2_train.plot import block_of
@@ -41,16 +39,6 @@ def dataset(tmp_path_factory):
         Image.fromarray(arr).save(folder / f"img{i}.png")
     (folder / "img0.txt").write_text("a photo of sks toy on a table")
     return folder
-
-
-def train_node(ckpt_loader, dataset_path, name, steps=2, **over):
-    inputs = {"model": [ckpt_loader, 0], "clip": [ckpt_loader, 1], "vae": [ckpt_loader, 2],
-              "dataset_path": str(dataset_path), "instance_prompt": "a photo of sks toy", "steps": steps,
-              "learning_rate": 1e-4, "nu_learning_rate": 1e-2, "r_init": 8, "r_max": 16, "r_target": 4, "q": 0.9,
-              "lambda_r": 1.0, "lambda_e": 0.0, "seed": 0, "resolution": 256, "batch_size": 1,
-              "target_modules": "attn", "backend": "embedded", "output_name": name}
-    inputs.update(over)
-    return {"class_type": "LoRA2Train", "inputs": inputs}
 
 
 def sample_nodes(model, clip, vae, prefix, size=128):
@@ -83,44 +71,6 @@ def expected_keys(checkpoint) -> set:
     return out
 
 
-class Messages:
-    """Collects the JSON messages ComfyUI broadcasts on /ws (in a background thread)."""
-
-    def __init__(self, server):
-        # the harness queues prompts under server.client_id; ComfyUI sends that client its progress messages
-        self.url = server.url.replace("http://", "ws://") + f"/ws?clientId={server.client_id}"
-        self.items: list[dict] = []
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    async def _run(self):
-        async with aiohttp.ClientSession() as s, s.ws_connect(self.url) as ws:
-            self._ready.set()
-            while not self._stop.is_set():
-                try:
-                    msg = await ws.receive(timeout=0.2)
-                except asyncio.TimeoutError:
-                    continue
-                if msg.type == aiohttp.WSMsgType.TEXT:
-                    self.items.append(json.loads(msg.data))
-                elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                    break
-
-    def __enter__(self):
-        self._thread.start()
-        assert self._ready.wait(30), "could not open ComfyUI's websocket"
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(10)
-
-    def progress(self, node=None):
-        return [m["data"] for m in self.items if m.get("type") == "lora2.progress"
-                and (node is None or m["data"].get("node") == node)]
-
-
 def test_train_chart_then_load_with_budget_and_sample(comfyui_alive, koala_checkpoint, dataset, loras):
     server, (folder, name) = comfyui_alive, loras
     g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": koala_checkpoint.name}},
@@ -128,7 +78,7 @@ def test_train_chart_then_load_with_budget_and_sample(comfyui_alive, koala_check
          "30": {"class_type": "LoRA2VisualizeRanks",
                 "inputs": {"lora_name": "(none)", "adapter": ["20", 2], "history": ["20", 3]}},
          "31": {"class_type": "SaveImage", "inputs": {"images": ["30", 0], "filename_prefix": "chart"}}}
-    with Messages(server) as ws:
+    with H.Messages(server) as ws:
         entry = server.run(g, timeout=900)
         time.sleep(0.5)
     path = folder / f"{name}.safetensors"
@@ -177,7 +127,7 @@ def test_cancel_keeps_a_resumable_checkpoint(comfyui_alive, koala_checkpoint, da
     server, (folder, name) = comfyui_alive, loras
     g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": koala_checkpoint.name}},
          "20": train_node("1", dataset, name, steps=500, resolution=128)}
-    with Messages(server) as ws:
+    with H.Messages(server) as ws:
         answer = server.queue(g)
         deadline = time.monotonic() + 600
         while not any(m["status"] == "running" for m in ws.progress("20")):
