@@ -173,7 +173,7 @@ class PlantedStack(nn.Module):
     """The planted-rank model: SDXL transformer blocks (``BasicTransformerBlock``: self-attention,
     cross-attention on the text context, GEGLU feed-forward, the modules LoRA² adapts) stacked
     `depth` deep in one ``SpatialTransformer``, called like a UNet: forward(x, timesteps, context, y)
-    → a tensor shaped like x (timesteps and y are not used)."""
+    → ``output_scale`` times a tensor shaped like x (timesteps and y are not used)."""
 
     def __init__(self, channels: int = 128, depth: int = 15, context_dim: int = 128, head_channels: int = 16):
         super().__init__()
@@ -181,9 +181,11 @@ class PlantedStack(nn.Module):
         self.config = dict(channels=channels, depth=depth, context_dim=context_dim, head_channels=head_channels)
         self.transformer = SpatialTransformer(channels, channels // head_channels, head_channels, depth, context_dim,
                                               min(32, channels // 4))
+        self.output_scale = 1.0
 
     def forward(self, x, timesteps=None, context=None, y=None):
-        return self.transformer(x, context)
+        out = self.transformer(x, context)
+        return out if self.output_scale == 1.0 else out * self.output_scale
 
 
 class RandomConditioning:
@@ -214,7 +216,8 @@ def build_planted_task(seed: int = 0, levels=None, **overrides):
     Model: :class:`PlantedStack` (random weights, seeded); plan: :func:`plan_level_ranks` on the
     cross-attention value/output pairs; teacher: the model plus the planted ΔW, every planted
     direction moving the output equally (:func:`balanced_gains`, calibrated on 8 inputs of their
-    own stream); data: Gaussian tokens and text conditioning (:class:`RandomConditioning`).
+    own stream), and both outputs scaled so that the untrained student's mismatch is 1 on those
+    inputs; data: Gaussian tokens and text conditioning (:class:`RandomConditioning`).
     """
     from .objective import DDPMSchedule
 
@@ -227,7 +230,12 @@ def build_planted_task(seed: int = 0, levels=None, **overrides):
     b = data.sample(8, g)
     x, t, _ = DDPMSchedule().noisy(b["latents"], g)
     gains = balanced_gains(model, plan, lambda m: m(x, t, **b["cond"]), 1.0, seed)
-    return model, make_teacher(model, plan, strength=1.0, seed=seed, gains=gains), plan, data
+    teacher = make_teacher(model, plan, strength=1.0, seed=seed, gains=gains)
+    # outputs scaled so that the untrained student's mismatch with the teacher is 1 on these inputs:
+    # the loss, and λ_r against it, mean the same whatever the model's width, depth and plan
+    scale = float((teacher(x, t, **b["cond"]) - model(x, t, **b["cond"])).square().mean()) ** -0.5
+    model.output_scale = teacher.output_scale = scale
+    return model, teacher, plan, data
 
 
 def spearman(a, b) -> float:

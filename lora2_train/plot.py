@@ -134,6 +134,7 @@ def planted_chart(plan: dict[str, int], ranks: dict[str, float], history: list[d
     ax.set_xticks(range(len(levels)))
     ax.set_xticklabels([str(v) for v in levels])
     ax.set_yscale("symlog", linthresh=1)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("planted rank")
     ax.set_ylabel("learned rank D(ν)")
     ax.set_title(title, fontsize=10)
