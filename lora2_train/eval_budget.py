@@ -78,8 +78,9 @@ def quality_chart(series: list[dict], title: str = "quality against adapter size
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    import numpy as np
     from matplotlib.ticker import FuncFormatter
+
+    from .plot import figure_image
 
     if not series or not any(s["points"] for s in series):
         raise EvalError("nothing to chart: no scored entries")
@@ -107,12 +108,7 @@ def quality_chart(series: list[dict], title: str = "quality against adapter size
     if note:
         fig.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=8, color="firebrick")
     fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    if path is not None:
-        fig.savefig(path)
-    plt.close(fig)
-    return image
+    return figure_image(fig, path)
 
 
 def _human(x, _pos=None) -> str:

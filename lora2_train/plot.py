@@ -103,12 +103,7 @@ def rank_chart(ranks_list: list[dict[str, int]], labels: list[str] | None = None
         ax.set_ylabel("mean rank")
         ax.legend(fontsize=6, ncol=6)
     fig.tight_layout()
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    if path is not None:
-        fig.savefig(path)
-    plt.close(fig)
-    return image
+    return figure_image(fig, path)
 
 
 def planted_chart(plan: dict[str, int], ranks: dict[str, float], history: list[dict] | None = None,
@@ -152,6 +147,14 @@ def planted_chart(plan: dict[str, int], ranks: dict[str, float], history: list[d
         ax.set_ylabel("mean allocated rank")
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
+    return figure_image(fig, path)
+
+
+def figure_image(fig, path: str | Path | None = None):
+    """A drawn matplotlib figure as an RGB array (H, W, 3); saved as `path` too when given; the figure is closed."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
     fig.canvas.draw()
     image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     if path is not None:
