@@ -229,7 +229,7 @@ def part_trainer_fp16(ctx: Context) -> dict:
 
     dev = ctx.device
     if ctx.dry:
-        ucfg, size, tokens, first, total = TINY(), 8, 16, 2, 3
+        ucfg, size, tokens, first, total = TINY(), 8, 16, 4, 6
         knobs = dict(r_init=8, r_target=4, r_max=16, nu_lr=0.5, resize_every=1, checkpoint_every=2)
     else:
         ucfg, size, tokens, first, total = sdxl_config(), 128, 77, 20, 30
