@@ -48,7 +48,7 @@ from _common import FixedLoRANetwork, print_result, threads_note
 from lora2_train.config import LoRA2Config
 from lora2_train.network import LoRA2Network
 from lora2_train.objective import DDPMSchedule, mse_loss
-from lora2_train.planted import build_planted_task, spearman
+from lora2_train.planted import build_planted_task, rank_metrics
 
 FULL = dict(batch=8, steps=300, seeds=(0, 1, 2), levels=(1, 2, 4, 8, 16, 32, 64), ranks=(4, 8, 16, 32, 64),
             lrs=(1e-3, 2e-3, 4e-3))
@@ -71,7 +71,7 @@ class Task:
     base_test: float
 
 
-def _batches(unet, teacher, data, n, batch, seed):
+def _batches(teacher, data, n, batch, seed):
     """n batches (x_t, t, cond, teacher ε̂) drawn from their own generator."""
     g = torch.Generator().manual_seed(seed)
     sched, out = DDPMSchedule(), []
@@ -90,7 +90,7 @@ def evaluate(unet, batches) -> float:
 
 def build_task(opts, seed: int) -> Task:
     unet, teacher, plan, data = build_planted_task(seed, opts["levels"])
-    split = lambda name, n, b: _batches(unet, teacher, data, n, b, SPLIT_SEEDS[name] * 1000 + seed)
+    split = lambda name, n, b: _batches(teacher, data, n, b, SPLIT_SEEDS[name] * 1000 + seed)
     train, val, test = split("train", opts["steps"], opts["batch"]), split("val", 4, 16), split("test", 4, 16)
     return Task(unet, plan, train, val, test, evaluate(unet, val), evaluate(unet, test))
 
@@ -148,22 +148,6 @@ def fixed_params_at_mse(fixed: dict, mse: float):
             w = (m0 - mse) / (m0 - m)
             return math.exp(math.log(p0) + w * (math.log(p) - math.log(p0)))
     return None
-
-
-def rank_metrics(plan: dict, ranks: dict, r_min: int = 1) -> dict:
-    keys = sorted(plan)
-    planted = [k for k in keys if plan[k] > 0]
-    zeros = [k for k in keys if plan[k] == 0]
-    levels = sorted({plan[k] for k in planted})
-    means = {str(v): round(statistics.fmean(ranks[k] for k in planted if plan[k] == v), 2) for v in levels}
-    return {
-        "spearman_planted": round(spearman([plan[k] for k in planted], [ranks[k] for k in planted]), 4),
-        "spearman_all": round(spearman([plan[k] for k in keys], [ranks[k] for k in keys]), 4),
-        "level_means": means,
-        "levels_increasing": all(means[str(a)] < means[str(b)] for a, b in zip(levels, levels[1:])),
-        "zero_mean_rank": round(statistics.fmean(ranks[k] for k in zeros), 2) if zeros else None,
-        "zero_at_floor": round(sum(ranks[k] <= r_min for k in zeros) / len(zeros), 4) if zeros else None,
-    }
 
 
 def run_seed(opts, seed, log) -> dict:

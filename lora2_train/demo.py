@@ -12,14 +12,13 @@ metadata), ``ranks.png`` (learned against planted rank, and ranks over training)
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from pathlib import Path
 
 from .config import LoRA2Config
 from .format import adapter_from_network, atomic_write_bytes, save_adapter
 from .network import LoRA2Network
-from .planted import build_planted_task, spearman
+from .planted import build_planted_task, rank_metrics
 from .trainer import Trainer
 
 OUTPUTS = ("lora2_demo.safetensors", "ranks.png", "rank_history.json", "summary.json")
@@ -50,18 +49,12 @@ def run_demo(out_dir: str | Path = "lora2_demo", steps: int | None = None, overw
     image = planted_chart(plan, learned, history=result.history, title="LoRA² demo: learned vs planted rank")
     atomic_write_bytes(out / OUTPUTS[1], png_bytes(image), overwrite=overwrite)
     atomic_write_bytes(out / OUTPUTS[2], json.dumps(result.history).encode(), overwrite=overwrite)
-    planted = [k for k in sorted(plan) if plan[k] > 0]
-    zeros = [k for k in sorted(plan) if plan[k] == 0]
     ranks = list(result.ranks.values())
     summary = {
         "steps": result.steps,
         "seconds": round(seconds, 1),
         "components": len(ranks),
-        "spearman_planted": round(spearman([plan[k] for k in planted], [learned[k] for k in planted]), 3),
-        "level_means": {str(v): round(statistics.fmean(learned[k] for k in planted if plan[k] == v), 2)
-                        for v in sorted({plan[k] for k in planted})},
-        "zero_mean_rank": round(statistics.fmean(learned[k] for k in zeros), 2),
-        "zero_at_floor": round(sum(learned[k] <= cfg.r_min for k in zeros) / len(zeros), 3),
+        **rank_metrics(plan, learned, cfg.r_min),
         "rank_min": min(ranks), "rank_max": max(ranks), "rank_mean": round(sum(ranks) / len(ranks), 2),
         "lora2_params": result.num_params,
         "final_mse": result.last.mse if result.last else None,

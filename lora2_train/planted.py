@@ -178,7 +178,6 @@ class PlantedStack(nn.Module):
     def __init__(self, channels: int = 128, depth: int = 15, context_dim: int = 128, head_channels: int = 16):
         super().__init__()
         from .models.sdxl_unet import SpatialTransformer
-        self.config = dict(channels=channels, depth=depth, context_dim=context_dim, head_channels=head_channels)
         self.transformer = SpatialTransformer(channels, channels // head_channels, head_channels, depth, context_dim,
                                               min(32, channels // 4))
         self.output_scale = 1.0
@@ -253,3 +252,24 @@ def spearman(a, b) -> float:
     ra, rb = ra - ra.mean(), rb - rb.mean()
     den = (ra.norm() * rb.norm()).item()
     return float((ra @ rb).item() / den) if den > 0 else 0.0
+
+
+def rank_metrics(plan: dict, ranks: dict, r_min: int = 1) -> dict:
+    """How learned ranks follow planted ones: Spearman over the planted (non-zero) components and over all,
+    mean learned rank per planted level (and whether it rises with the level), and the rank-0 components'
+    mean rank and share at the floor `r_min`."""
+    import statistics
+
+    keys = sorted(plan)
+    planted = [k for k in keys if plan[k] > 0]
+    zeros = [k for k in keys if plan[k] == 0]
+    levels = sorted({plan[k] for k in planted})
+    means = {str(v): round(statistics.fmean(ranks[k] for k in planted if plan[k] == v), 2) for v in levels}
+    return {
+        "spearman_planted": round(spearman([plan[k] for k in planted], [ranks[k] for k in planted]), 4),
+        "spearman_all": round(spearman([plan[k] for k in keys], [ranks[k] for k in keys]), 4),
+        "level_means": means,
+        "levels_increasing": all(means[str(a)] < means[str(b)] for a, b in zip(levels, levels[1:])),
+        "zero_mean_rank": round(statistics.fmean(ranks[k] for k in zeros), 2) if zeros else None,
+        "zero_at_floor": round(sum(ranks[k] <= r_min for k in zeros) / len(zeros), 4) if zeros else None,
+    }

@@ -39,7 +39,7 @@ def test_step_time_quick():
 def test_fixed_params_at_mse_interpolates_against_the_next_smaller_rank():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        from planted_ranks import fixed_params_at_mse, rank_metrics
+        from planted_ranks import fixed_params_at_mse
     finally:
         sys.path.pop(0)
     fixed = {4: {"params": 100, "test": 1.0}, 8: {"params": 400, "test": 0.5}, 16: {"params": 1600, "test": 0.6}}
@@ -47,6 +47,8 @@ def test_fixed_params_at_mse_interpolates_against_the_next_smaller_rank():
     assert fixed_params_at_mse(fixed, 0.75) == pytest.approx(200.0)  # halfway on log params
     assert fixed_params_at_mse(fixed, 0.55) == pytest.approx(100 * 4 ** 0.9)  # rank 16 (worse than 8) plays no part
     assert fixed_params_at_mse(fixed, 0.1) is None
+    from lora2_train.planted import rank_metrics
+
     plan = {"a": 0, "b": 0, "c": 2, "d": 2, "e": 8, "f": 8}
     m = rank_metrics(plan, {"a": 1, "b": 3, "c": 2, "d": 4, "e": 9, "f": 7})
     assert m["level_means"] == {"2": 3.0, "8": 8.0} and m["levels_increasing"]
