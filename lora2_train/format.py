@@ -67,16 +67,14 @@ def balanced_factors(down: torch.Tensor, up: torch.Tensor, c: torch.Tensor | flo
     """
     d, u = down.float(), up.float()
     r = d.shape[0]
-    c = torch.as_tensor(c, dtype=torch.float32).expand(r)
+    c = torch.as_tensor(c, dtype=torch.float32, device=d.device).expand(r)
     dn = d.reshape(r, -1).norm(dim=1)
     un = u.transpose(0, 1).reshape(r, -1).norm(dim=1)
     live = (un > 0) & (dn > 0) & (c != 0)
-    g = torch.where(live, (c.abs() * un / torch.where(live, dn, 1.0)).sqrt(), torch.ones_like(c))
-    g = torch.where(live, g, torch.ones_like(g))
-    up_scale = torch.where(live, c / g, c)
+    g = torch.where(live, (c.abs() * un / torch.where(live, dn, 1.0)).sqrt(), torch.ones_like(c))  # 1 where dead
     shape_d = (r,) + (1,) * (d.dim() - 1)
     shape_u = (1, r) + (1,) * (u.dim() - 2)
-    return d * g.view(shape_d), u * up_scale.view(shape_u)
+    return d * g.view(shape_d), u * (c / g).view(shape_u)
 
 
 def uniform_alpha(modules: dict[str, LoRAModule]) -> dict[str, LoRAModule]:
