@@ -73,6 +73,35 @@ class AdaptiveLoRA(nn.Module):
         self.lora_down = nn.Parameter(self._init_down(0, r0, w.device))
         self.lora_up = nn.Parameter(torch.zeros(self._up_shape(r0), device=w.device))
 
+    # ---- dtype --------------------------------------------------------------------------------
+    #: kept in float32 under any cast of the module (``.to(bf16)``, ``.half()``, sd-scripts' --full_bf16)
+    FP32_TENSORS = ("rho", "lam_scale")
+
+    def _apply(self, fn, recurse=True):
+        """Casts and moves reach ρ (and Λ's scale) as moves only: they stay float32.  A bf16 ρ near
+        −3.4 (rank 64) has a spacing of 2⁻⁶, so Adam steps of 5e-3 round away and ν stops learning."""
+        kept = {}
+        for name in self.FP32_TENSORS:
+            t = self._parameters[name] if name in self._parameters else self._buffers.get(name)
+            if t is not None and t.dtype == torch.float32:
+                kept[name] = (t, t.detach())  # the float32 values, whatever the cast does to `t`
+        super()._apply(fn, recurse)
+        for name, (old, value) in kept.items():
+            t = self._parameters[name] if name in self._parameters else self._buffers.get(name)
+            if t is None or t.dtype == torch.float32:
+                continue
+            fixed = value.to(device=t.device, dtype=torch.float32)
+            if name not in self._parameters:
+                self._buffers[name] = fixed
+            elif t is old:  # the same Parameter object, as optimizers hold it: swap its data back
+                t.data = fixed
+            else:
+                self._parameters[name] = nn.Parameter(fixed, requires_grad=t.requires_grad)
+            p = self._parameters.get(name)
+            if p is not None and p.grad is not None and p.grad.dtype != torch.float32:
+                p.grad = p.grad.float()
+        return self
+
     # ---- shapes -------------------------------------------------------------------------------
     def _down_shape(self, d):
         return (d, self.in_dim, *self.kernel)
