@@ -37,6 +37,12 @@ def _optimizers() -> list[str]:
     return ["adamw"] + [o for o in OPTIMIZERS if o != "adamw"]
 
 
+def _vram_presets() -> list[str]:
+    from lora2_train.kohya.launch import VRAM_PRESETS
+
+    return list(VRAM_PRESETS)
+
+
 def _presets() -> list[str]:
     from lora2_train.config import TARGET_PRESETS
 
@@ -98,6 +104,9 @@ class TrainLoRA2:
                 "fp8_base": ("BOOLEAN", {"default": False, "tooltip": "sd-scripts backend: base U-Net in fp8"}),
                 "full_bf16": ("BOOLEAN", {"default": False, "tooltip": "sd-scripts backend: LoRA weights and "
                               "gradients in bf16 (ν stays float32); needs mixed_precision bf16"}),
+                "preset": (["none", *_vram_presets()], {"default": "none", "tooltip": "sd-scripts backend: GPU "
+                           "memory preset; replaces resolution, batch_size, gradient_checkpointing, optimizer, "
+                           "mixed_precision, fp8_base, full_bf16 and max_params, and caches latents on disk"}),
                 "max_params_millions": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10000.0, "step": 0.1,
                                         "round": False, "tooltip": "cap on the LoRA parameters while training, "
                                         "positions allotted by importance; 0: none"}),
@@ -110,7 +119,8 @@ class TrainLoRA2:
               r_init, r_max, r_target, q, lambda_r, lambda_e, seed, resolution, batch_size, target_modules,
               backend, output_name, images=None, captions="", sd_scripts_path="", python_path="",
               base_checkpoint=NONE, resume_from="", gradient_checkpointing=True, optimizer="adamw",
-              mixed_precision="bf16", fp8_base=False, full_bf16=False, max_params_millions=0.0, unique_id=None):
+              mixed_precision="bf16", fp8_base=False, full_bf16=False, max_params_millions=0.0, preset="none",
+              unique_id=None):
         import folder_paths
 
         from lora2_train.config import LoRA2Config
@@ -118,6 +128,17 @@ class TrainLoRA2:
 
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        use_preset = False
+        if preset not in (None, "", "none"):
+            from lora2_train.kohya.launch import vram_preset
+
+            if backend != "sd-scripts":
+                raise ValueError(f"preset {preset!r}: GPU memory presets are for the sd-scripts backend")
+            p = vram_preset(preset)
+            resolution, batch_size, optimizer = p["resolution"], p["batch_size"], p["optimizer"]
+            gradient_checkpointing, mixed_precision = p["gradient_checkpointing"], p["mixed_precision"]
+            fp8_base, full_bf16, max_params_millions = p["fp8_base"], p["full_bf16"], p["max_params"] / 1e6
+            use_preset = True
         config = LoRA2Config(q=float(q), r_init=int(r_init), r_target=int(r_target), r_max=int(r_max),
                              lambda_r=float(lambda_r), lambda_e=float(lambda_e), lr=float(learning_rate),
                              nu_lr=float(nu_learning_rate), steps=int(steps), batch_size=int(batch_size),
@@ -133,11 +154,14 @@ class TrainLoRA2:
             raise FileExistsError(f"{out}: already exists; choose another output_name (files are never replaced)")
         run = _Run(unique_id, config.steps)
         if backend == "sd-scripts":
-            from lora2_train.kohya.launch import precision_options
+            from lora2_train.kohya.launch import cache_options, precision_options
 
+            extra = precision_options(bool(fp8_base), bool(full_bf16))
+            if use_preset:
+                extra.update(cache_options(config))
             adapter, history = self._train_sd_scripts(config, out, dataset_path, images, captions, instance_prompt,
                                                       resolution, sd_scripts_path, python_path, base_checkpoint,
-                                                      run, precision_options(bool(fp8_base), bool(full_bf16)))
+                                                      run, extra)
         else:
             adapter, history = self._train_embedded(model, clip, vae, config, out, dataset_path, images,
                                                     captions, instance_prompt, resolution, resume_from, run)

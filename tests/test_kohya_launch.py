@@ -245,6 +245,17 @@ def test_cli_train_command(tmp_path, capsys):
     assert s["min_snr_gamma"] == 5 and "targets=attn1,attn2,ff" in s["network_args"]
     assert s["optimizer_type"] == "AdamW8bit" and s["mixed_precision"] == "bf16" and s["full_bf16"] is True
     assert "max_params=500000" in s["network_args"] and "fp8_base" not in s
+    # a GPU memory preset fills what is not given explicitly
+    common_p = [a for a in common if a not in ("--resolution", "256")] + ["--name", "cli8", "--sd-scripts", str(checkout),
+                                                                          "--sd-scripts-python", fake_python(tmp_path, PROTOCOL)]
+    assert cli.main(common_p + ["--preset", "8GB", "--batch-size", "2"]) == 0
+    s = tomllib.loads((tmp_path / "o" / ".lora2-cli8" / "train.toml").read_text())
+    d = tomllib.loads((tmp_path / "o" / ".lora2-cli8" / "dataset.toml").read_text())
+    assert d["datasets"][0]["resolution"] == [768, 768] and d["datasets"][0]["batch_size"] == 2
+    assert s["optimizer_type"] == "AdamW8bit" and s["fp8_base"] is True and s["full_bf16"] is True
+    assert s["gradient_checkpointing"] is True and "max_params=20000000" in s["network_args"]
+    assert s["cache_latents_to_disk"] is True and s["cache_text_encoder_outputs_to_disk"] is True
+    capsys.readouterr()
     rc = cli.main(common + ["--sd-scripts", str(checkout), "--mixed-precision", "fp16", "--full-bf16"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and err == ["lora2_train train: error: full_bf16 needs mixed_precision 'bf16', got 'fp16'"], err

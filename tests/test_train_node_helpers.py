@@ -33,6 +33,7 @@ def test_inputs_cover_the_paper_hyperparameters_and_presets(train_mod):
     assert opt["mixed_precision"][0] == ["bf16", "fp16", "no"] and opt["mixed_precision"][1]["default"] == "bf16"
     assert opt["fp8_base"][1]["default"] is False and opt["full_bf16"][1]["default"] is False
     assert opt["max_params_millions"][1]["default"] == 0.0
+    assert opt["preset"][0] == ["none", "8GB", "12GB", "16GB", "24GB", "48GB"] and opt["preset"][1]["default"] == "none"
     assert train_mod.TrainLoRA2.RETURN_TYPES == ("MODEL", "CLIP", "LORA2", "LORA2_HISTORY")
 
 

@@ -131,6 +131,37 @@ def optimizer_options(config: LoRA2Config) -> dict:
     return {"optimizer_type": SD_SCRIPTS_NAMES[config.optimizer], "optimizer_args": args}
 
 
+#: sd-scripts settings per GPU memory size (SDXL, U-Net only, caches on disk).  Designed from the sizes
+#: involved (U-Net 2.6 B parameters: 5.1 GB in bf16, 2.6 GB in fp8; LoRA parameters 16 B each with fp32
+#: AdamW, 6 B with full bf16 + AdamW8bit; activations with gradient checkpointing about 1.5 GB per 768² and
+#: 3 GB per 1024² image); not measured on a GPU.
+VRAM_PRESETS = {
+    "8GB": dict(resolution=768, batch_size=1, gradient_checkpointing=True, optimizer="adamw8bit", fp8_base=True,
+                full_bf16=True, max_params=20_000_000),
+    "12GB": dict(resolution=1024, batch_size=1, gradient_checkpointing=True, optimizer="adamw8bit", fp8_base=True,
+                 full_bf16=True, max_params=50_000_000),
+    "16GB": dict(resolution=1024, batch_size=1, gradient_checkpointing=True, optimizer="adamw8bit", fp8_base=False,
+                 full_bf16=True, max_params=100_000_000),
+    "24GB": dict(resolution=1024, batch_size=2, gradient_checkpointing=True, optimizer="adamw", fp8_base=False,
+                 full_bf16=False, max_params=200_000_000),
+    "48GB": dict(resolution=1024, batch_size=4, gradient_checkpointing=True, optimizer="adamw", fp8_base=False,
+                 full_bf16=False, max_params=0),
+}
+
+
+def vram_preset(name: str) -> dict:
+    """The settings of a VRAM preset (a copy); one-line ValueError naming the presets for another name."""
+    if name not in VRAM_PRESETS:
+        raise ValueError(f"preset {name!r} is not one of {', '.join(VRAM_PRESETS)}")
+    return dict(VRAM_PRESETS[name], mixed_precision="bf16")
+
+
+def cache_options(config: LoRA2Config) -> dict:
+    """sd-scripts options that keep latents (and text-encoder outputs when the encoders are not trained) on disk."""
+    te = any(t.startswith("te_") for t in config.targets)
+    return {"cache_latents_to_disk": True, **({} if te else {"cache_text_encoder_outputs_to_disk": True})}
+
+
 def check_precision(settings: dict) -> None:
     """sd-scripts' precision options that only work together, refused in one line before the run."""
     mp = settings.get("mixed_precision") or "no"
@@ -358,8 +389,11 @@ def add_train_parser(sub) -> None:
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--name", required=True, help="adapter name (<out>/<name>.safetensors)")
     t.add_argument("--steps", type=int, default=500)
-    t.add_argument("--resolution", type=int, default=1024)
-    t.add_argument("--batch-size", dest="batch_size", type=int, default=1)
+    t.add_argument("--preset", choices=tuple(VRAM_PRESETS), default=None,
+                   help="GPU memory preset: resolution, batch size, gradient checkpointing, optimizer, fp8/full-bf16, "
+                        "max params, caches on disk (options given explicitly take precedence)")
+    t.add_argument("--resolution", type=int, default=None, help="default 1024 (or the preset's)")
+    t.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="default 1 (or the preset's)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--r-init", dest="r_init", type=int, default=LoRA2Config.r_init)
     t.add_argument("--r-target", dest="r_target", type=int, default=None, help="default: r_init")
@@ -373,14 +407,14 @@ def add_train_parser(sub) -> None:
     t.add_argument("--resize-every", dest="resize_every", type=int, default=LoRA2Config.resize_every)
     t.add_argument("--targets", default="attn", help="preset (attn, attn+ff, attn+ff+proj, all) or comma list")
     t.add_argument("--mixed-precision", dest="mixed_precision", choices=("no", "fp16", "bf16"), default="bf16")
-    t.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+    t.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                    help="adamw8bit needs bitsandbytes, prodigy prodigyopt (use --lr 1), lion lion-pytorch, adafactor "
                         "transformers, in sd-scripts' Python")
     t.add_argument("--fp8-base", dest="fp8_base", action="store_true",
                    help="base U-Net weights in fp8 (sd-scripts --fp8_base; needs bf16/fp16 mixed precision)")
     t.add_argument("--full-bf16", dest="full_bf16", action="store_true",
                    help="LoRA weights and gradients in bf16 (sd-scripts --full_bf16; ρ stays float32)")
-    t.add_argument("--max-params", dest="max_params", type=int, default=0,
+    t.add_argument("--max-params", dest="max_params", type=int, default=None,
                    help="cap on the LoRA parameters during training, positions allotted by importance (0: none)")
     t.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true")
     t.add_argument("--save-every", dest="save_every", type=int, default=None, help="also save every N steps")
@@ -413,6 +447,12 @@ def cmd_train(args) -> int:
                          "(python -m lora2_train demo); use --backend sd-scripts to train on a checkpoint file")
     if not args.sd_scripts:
         raise ValueError("--sd-scripts DIR (or $SD_SCRIPTS_DIR) is required for --backend sd-scripts")
+    p = vram_preset(args.preset) if args.preset else {}
+    for name, default in (("resolution", 1024), ("batch_size", 1), ("optimizer", "adamw"), ("max_params", 0)):
+        if getattr(args, name) is None:
+            setattr(args, name, p.get(name, default))
+    for name in ("gradient_checkpointing", "fp8_base", "full_bf16"):
+        setattr(args, name, getattr(args, name) or p.get(name, False))
     config = LoRA2Config(r_init=args.r_init, r_target=args.r_target or args.r_init, r_max=args.r_max, q=args.q,
                          lambda_r=args.lambda_r, lambda_e=args.lambda_e, beta=args.beta, lr=args.lr,
                          nu_lr=args.nu_lr, resize_every=args.resize_every, targets=args.targets,
@@ -420,6 +460,8 @@ def cmd_train(args) -> int:
                          mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
                          max_params=args.max_params)
     extra = precision_options(args.fp8_base, args.full_bf16)
+    if args.preset:
+        extra.update(cache_options(config))
     extra.update(_parse_option(o) for o in args.sd_options)
     path = train_sd_scripts(args.sd_scripts, args.checkpoint, args.dataset, args.out, args.name, config, args.steps,
                             args.resolution, args.batch_size, args.seed, python=args.sd_python,
