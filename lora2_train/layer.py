@@ -263,7 +263,9 @@ class AdaptiveLoRA(nn.Module):
         old = getattr(self, name)
         opt = getattr(optimizer, "optimizer", optimizer)  # accelerate / wrappers expose .optimizer
         state = opt.state.get(old) if opt is not None else None
-        group = next((g for g in opt.param_groups if any(p is old for p in g["params"])), None) if state else None
+        # the parameter's group is needed only for Prodigy's slice_p (a scan over the groups' parameters)
+        group = (next((g for g in opt.param_groups if any(p is old for p in g["params"])), None)
+                 if state and "p0" in state else None)
         carried = self._carry_state(state, old.shape, new, dim, keep, opt, grad_scale, group) if state else None
         if in_place:
             # set_data keeps the autograd accumulator (and its cached shape) unless the dtype changes;

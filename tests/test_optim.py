@@ -148,9 +148,9 @@ def test_rank_parameters_keep_their_own_rate(name):
     with torch.no_grad():  # B ≠ 0, so that Λ (and ρ) gets a gradient at the first step
         for l in model.layers:
             l.lora_up.normal_(std=0.1)
-    rho0 = [float(l.rho) for l in model.layers]
+    rho0 = [float(l.rho.detach()) for l in model.layers]
     train(model, opt, 1)
-    steps = [abs(float(l.rho) - r) for l, r in zip(model.layers, rho0)]
+    steps = [abs(float(l.rho.detach()) - r) for l, r in zip(model.layers, rho0)]
     assert steps == pytest.approx([1e-2, 1e-2], rel=1e-3)
     state = opt.state_dict()
     opt2 = O.build_optimizer(name, model.groups(), LR[name])

@@ -295,12 +295,11 @@ class KohyaLoRA2Network(LoRA2Network):
         params = [p for p in self.rank_parameters() if p.grad is not None]
         if not params:
             return
+        grads = [p.grad for p in params]
         scaler = self.grad_scaler
         if scaler is not None and getattr(scaler, "is_enabled", lambda: False)():
-            inv = 1.0 / float(scaler.get_scale())
-            for p in params:
-                p.grad.mul_(inv)
-        if all(bool(torch.isfinite(p.grad).all()) for p in params):
+            torch._foreach_mul_(grads, 1.0 / float(scaler.get_scale()))
+        if bool(torch.isfinite(torch.stack([g.reshape(()) for g in grads]).float()).all()):  # one device sync
             self.rank_optimizer.step()
         self.rank_optimizer.zero_grad(set_to_none=True)
 
