@@ -12,14 +12,18 @@ Arguments:
   ``--network_alpha`` ignored: LoRA² scales by Λ (spec §1) and saves alpha = rank.
   ``--network_args``  ``key=value`` strings: r_max, r_target (default r_init), r_min,
                       q, lambda_r, lambda_e, beta, nu_lr, resize_every, rank_block,
-                      scale, entropy_queries, targets (a preset of ``config.TARGET_PRESETS``
-                      such as ``attn`` or ``attn+ff``, or a comma list of groups).
+                      scale, entropy_queries, max_params (a cap on the LoRA parameters, 0: none),
+                      targets (a preset of ``config.TARGET_PRESETS`` such as ``attn`` or
+                      ``attn+ff``, or a comma list of groups).
 
 sd-scripts builds its optimizer once, so re-allocation keeps the Parameter
 objects and swaps their data and the optimizer's state in place
 (:meth:`AdaptiveLoRA.resize` with ``in_place=True``), every ``resize_every``
 optimizer steps, from a post-step hook on the optimizer that holds this
-network's parameters.  The extra loss terms λ_r·L_reg + λ_e·L_entropy are
+network's parameters.  The optimizers whose state can be carried (AdamW, AdamW8bit,
+Lion, Adafactor, Prodigy, …) and the separate Adam that steps ρ under Prodigy and
+Adafactor are described in :mod:`lora2_train.optim`; ρ stays float32 under
+``--full_bf16`` / ``--full_fp16`` casts of the network.  The extra loss terms λ_r·L_reg + λ_e·L_entropy are
 added by the trainer extension :mod:`lora2_train.kohya.train`; with plain
 ``train_network.py`` this module trains, but ν only feels the diffusion loss.
 """
