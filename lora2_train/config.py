@@ -34,8 +34,11 @@ class LoRA2Config:
     Loss (spec §3): L = L_MSE + lambda_r·L_reg + lambda_e·L_entropy with
     L_reg = mean|ν−ν_target| + beta·mean(‖A‖²+‖B‖²)/numel.
 
-    Optimisation: Adam/AdamW with ``lr`` for LoRA weights and ``nu_lr`` for
-    the rank parameters ρ (ν = ν_min + softplus(ρ)).
+    Optimisation: ``optimizer`` (one of :data:`lora2_train.optim.OPTIMIZERS`) with
+    ``lr`` for LoRA weights and ``nu_lr`` for the rank parameters ρ (ν = ν_min +
+    softplus(ρ)).  ``max_params``: a cap on the LoRA parameters Σ D·(in+out) that
+    re-allocation respects, positions allotted by importance across components
+    (0: none).
     """
 
     q: float = 0.9
@@ -61,6 +64,7 @@ class LoRA2Config:
     gradient_checkpointing: bool = False
     mixed_precision: str = "no"
     checkpoint_every: int = 100
+    max_params: int = 0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -97,8 +101,12 @@ class LoRA2Config:
         for name in ("lr", "nu_lr", "scale"):
             if getattr(self, name) <= 0:
                 bad(name, "must be > 0")
-        if self.optimizer not in ("adam", "adamw"):
-            bad("optimizer", "must be 'adam' or 'adamw'")
+        from .optim import OPTIMIZERS
+
+        if self.optimizer not in OPTIMIZERS:
+            bad("optimizer", f"must be one of {OPTIMIZERS}")
+        if not isinstance(self.max_params, int) or isinstance(self.max_params, bool) or self.max_params < 0:
+            bad("max_params", "must be an integer >= 0 (0: no budget)")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             bad("mixed_precision", "must be 'no', 'bf16' or 'fp16'")
         unknown = [t for t in self.targets if t not in TARGET_GROUPS]

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import rank as R
+from .optim import carry_state
 
 
 def row_seed(seed: int, name: str, start: int) -> int:
@@ -71,6 +72,35 @@ class AdaptiveLoRA(nn.Module):
         w = base.weight
         self.lora_down = nn.Parameter(self._init_down(0, r0, w.device))
         self.lora_up = nn.Parameter(torch.zeros(self._up_shape(r0), device=w.device))
+
+    # ---- dtype --------------------------------------------------------------------------------
+    #: kept in float32 under any cast of the module (``.to(bf16)``, ``.half()``, sd-scripts' --full_bf16)
+    FP32_TENSORS = ("rho", "lam_scale")
+
+    def _apply(self, fn, recurse=True):
+        """Casts and moves reach ρ (and Λ's scale) as moves only: they stay float32.  A bf16 ρ near
+        −3.4 (rank 64) has a spacing of 2⁻⁶, so Adam steps of 5e-3 round away and ν stops learning."""
+        kept = {}
+        for name in self.FP32_TENSORS:
+            t = self._parameters[name] if name in self._parameters else self._buffers.get(name)
+            if t is not None and t.dtype == torch.float32:
+                kept[name] = (t, t.detach())  # the float32 values, whatever the cast does to `t`
+        super()._apply(fn, recurse)
+        for name, (old, value) in kept.items():
+            t = self._parameters[name] if name in self._parameters else self._buffers.get(name)
+            if t is None or t.dtype == torch.float32:
+                continue
+            fixed = value.to(device=t.device, dtype=torch.float32)
+            if name not in self._parameters:
+                self._buffers[name] = fixed
+            elif t is old:  # the same Parameter object, as optimizers hold it: swap its data back
+                t.data = fixed
+            else:
+                self._parameters[name] = nn.Parameter(fixed, requires_grad=t.requires_grad)
+            p = self._parameters.get(name)
+            if p is not None and p.grad is not None and p.grad.dtype != torch.float32:
+                p.grad = p.grad.float()
+        return self
 
     # ---- shapes -------------------------------------------------------------------------------
     def _down_shape(self, d):
@@ -233,7 +263,10 @@ class AdaptiveLoRA(nn.Module):
         old = getattr(self, name)
         opt = getattr(optimizer, "optimizer", optimizer)  # accelerate / wrappers expose .optimizer
         state = opt.state.get(old) if opt is not None else None
-        carried = self._carry_state(state, old.shape, new, dim, keep, opt, grad_scale) if state else None
+        # the parameter's group is needed only for Prodigy's slice_p (a scan over the groups' parameters)
+        group = (next((g for g in opt.param_groups if any(p is old for p in g["params"])), None)
+                 if state and "p0" in state else None)
+        carried = self._carry_state(state, old.shape, new, dim, keep, opt, grad_scale, group) if state else None
         if in_place:
             # set_data keeps the autograd accumulator (and its cached shape) unless the dtype changes;
             # an old graph still alive (the last loss) would hand it to the next forward: pass through
@@ -258,34 +291,13 @@ class AdaptiveLoRA(nn.Module):
             opt.state[param] = state
 
     def _carry_state(self, state: dict, old_shape, new: torch.Tensor, dim: int, keep: int, opt,
-                     grad_scale: float = 1.0) -> dict:
-        """Optimizer state at the new shape: surviving positions copied, new positions zero.
-
-        ``grad_scale``: factor by which the kept positions' gradients change with the resize;
-        gradient moments follow it (``exp_avg``, ``momentum_buffer`` ×s; ``*_sq`` ×s²).
-
-        Only per-element float state (Adam/AdamW moments, SGD momentum, …) can be carried;
-        quantized 8-bit state (bitsandbytes AdamW8bit & co.: uint8 codes + block-wise absmax)
-        or factored state (Adafactor) is refused with a clear error before anything changes.
-        """
-        out = {}
-        for k, v in state.items():
-            if isinstance(v, torch.Tensor) and v.shape == old_shape and v.dim() > 0:
-                if not v.is_floating_point():
-                    raise RuntimeError(
-                        f"{self.name}: optimizer {type(opt).__name__} keeps quantized state {k!r} ({v.dtype}); "
-                        f"LoRA² cannot resize 8-bit optimizer state: use a 32-bit optimizer such as AdamW")
-                fresh = torch.zeros(new.shape, dtype=v.dtype, device=v.device)
-                moment = 2 if k.endswith("_sq") else 1 if k in ("exp_avg", "momentum_buffer") else 0
-                fresh.narrow(dim, 0, keep).copy_(v.narrow(dim, 0, keep) * grad_scale ** moment)
-                out[k] = fresh
-            elif isinstance(v, torch.Tensor) and v.dim() > 0:
-                raise RuntimeError(
-                    f"{self.name}: optimizer {type(opt).__name__} keeps state {k!r} of shape {tuple(v.shape)} that "
-                    f"is not per-element; LoRA² can only resize optimizers with per-element state (Adam, AdamW, SGD)")
-            else:
-                out[k] = v
-        return out
+                     grad_scale: float = 1.0, group: dict | None = None) -> dict:
+        """Optimizer state at the new shape: surviving positions carried, new positions fresh
+        (:func:`lora2_train.optim.carry_state`: per-element moments, bitsandbytes 8-bit blocks,
+        Adafactor's factored moments, Prodigy's p0/s).  ``grad_scale``: factor by which the kept
+        positions' gradients change with the resize.  A layout that cannot be carried raises one
+        line naming the state before anything changes."""
+        return carry_state(state, old_shape, new, dim, keep, grad_scale, group, self.name, type(opt).__name__)
 
     def extra_repr(self) -> str:
         return f"{self.name}: {self.kind} {self.in_dim}->{self.out_dim}, rank={self.rank}, r_max={self.r_max}"

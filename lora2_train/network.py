@@ -7,6 +7,7 @@ rank parameters ρ), per-component ranks and ν, re-allocation, L_reg.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Iterable, Sequence
 
@@ -56,6 +57,14 @@ class LoRA2Network(nn.Module):
                 self._inject(te, naming.TE_PREFIXES[i], te_groups)
         if not len(self.layers):
             raise ValueError(f"no module of the model matches targets {list(config.targets)}")
+        if config.max_params:
+            floor = sum(self._floor_units(l) * l.block * self._position_cost(l) for l in self.layers.values())
+            if config.max_params < floor:
+                from .config import ConfigError
+                raise ConfigError(f"LoRA2Config.max_params {config.max_params} is below {floor}, the size of the "
+                                  f"smallest allocation (one rank block per component)")
+            if self.num_parameters() > config.max_params:
+                self.resize()
 
     # ---- construction ------------------------------------------------------------------------
     def _inject(self, root: nn.Module, prefix: str, groups: Iterable[str]) -> None:
@@ -154,12 +163,48 @@ class LoRA2Network(nn.Module):
         """Re-allocate every component at its current D(ν) (rounded to the block); returns changes.
 
         ``in_place`` keeps the Parameter objects (see :meth:`AdaptiveLoRA.resize`)."""
+        targets = self.budget_ranks({k: layer.target_rank() for k, layer in self.layers.items()})
         changed = {}
-        for k, layer in self.layers.items():
-            old, new = layer.rank, layer.target_rank()
+        # shrink first, then grow: the parameters in memory never exceed the larger of both allocations
+        for k in sorted(targets, key=lambda k: targets[k] - self.layers[k].rank):
+            layer = self.layers[k]
+            old, new = layer.rank, targets[k]
             if layer.resize(new, optimizer, in_place=in_place):
                 changed[k] = (old, new)
-        return changed
+        return {k: changed[k] for k in self.layers if k in changed}
+
+    @staticmethod
+    def _position_cost(layer: AdaptiveLoRA) -> int:
+        """Parameters of one rank position: a row of A and a column of B."""
+        return layer.in_dim * int(torch.Size(layer.kernel or (1,)).numel()) + layer.out_dim
+
+    @staticmethod
+    def _floor_units(layer: AdaptiveLoRA) -> int:
+        return max(1, -(-layer.r_min // layer.block))
+
+    @torch.no_grad()
+    def budget_ranks(self, targets: dict[str, int]) -> dict[str, int]:
+        """`targets` (ranks at D(ν)) cut to ``config.max_params`` parameters when they exceed it: rank
+        blocks are allotted by importance across components, the block of positions k+1…k+b of a
+        component scored by its f-mass Σ f(·;ν) = e^{−νk} − e^{−ν(k+b)}, lowest dropped first (the
+        allotment of the load-time ``--params`` budget, :func:`lora2_train.tools.truncate.allot`)."""
+        budget = self.config.max_params
+        layers = self.layers
+        if not budget or sum(t * self._position_cost(layers[k]) for k, t in targets.items()) <= budget:
+            return targets
+        from .tools.truncate import allot
+
+        scores, cost, floor = {}, {}, {}
+        for k, t in targets.items():
+            layer = layers[k]
+            b = layer.block
+            nu = float(layer.nu().detach())
+            starts = range(0, t, b)
+            scores[k] = [math.exp(-nu * a) - math.exp(-nu * min(a + b, t)) for a in starts]
+            cost[k] = b * self._position_cost(layer)
+            floor[k] = min(self._floor_units(layer), len(starts))
+        units = allot(scores, cost, budget, floor)
+        return {k: min(units[k] * layers[k].block, t) for k, t in targets.items()}
 
     # ---- regularizer -------------------------------------------------------------------------
     def reg_loss(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,7 @@ conditioning) and a noise schedule, and minimizes
 
     L_total = L_MSE + λ_r · (mean|ν − ν_target| + β · mean(‖A‖²+‖B‖²)/numel) + λ_e · L_entropy
 
-with Adam/AdamW, re-allocating every component at D(ν) every
+with the configured optimizer (:mod:`lora2_train.optim`), re-allocating every component at D(ν) every
 ``resize_every`` steps (never after the last step: the adapter a run ends with
 is the one that gave its last loss).  Checkpoints hold ν, weights, optimizer,
 step and RNG.
@@ -24,6 +24,7 @@ import torch
 from .config import LoRA2Config
 from .format import atomic_write_bytes
 from .network import LoRA2Network
+from .optim import build_optimizer
 from .objective import CrossAttentionEntropy, DDPMSchedule, mse_loss
 
 CHECKPOINT_FORMAT = "lora2-checkpoint"
@@ -111,13 +112,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16"
                                            and self.device.type == "cuda")
 
-    def _make_optimizer(self) -> torch.optim.Optimizer:
+    def _make_optimizer(self):
+        """``config.optimizer`` over the network's groups (:func:`lora2_train.optim.build_optimizer`;
+        ρ keeps its own rate ``nu_lr`` under every optimizer)."""
         c = self.config
-        cls = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
         groups = self.network.param_groups()
         groups[0]["weight_decay"] = c.weight_decay
-        # foreach: one fused call per group instead of a Python loop over ~1,700 small tensors
-        return cls(groups, lr=c.lr, foreach=True)
+        return build_optimizer(c.optimizer, groups, c.lr, **dict(c.extra.get("optimizer_args", {})))
 
     # ---- checkpoints -------------------------------------------------------------------------
     @property
@@ -154,9 +155,13 @@ class Trainer:
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: not a LoRA² checkpoint (field 'format' missing)")
         saved = json.loads(state["config"])
-        for name in ("q", "r_max", "targets"):
+        same = {"adam": "adamw"}  # Adam and AdamW keep the same state
+        for name in ("q", "r_max", "targets", "optimizer"):
             mine = self.config.to_dict()[name]
-            if saved.get(name) != mine:
+            theirs = saved.get(name)
+            if name == "optimizer":
+                theirs, mine = same.get(theirs, theirs), same.get(mine, mine)
+            if theirs != mine:
                 raise ValueError(f"{path}: checkpoint field {name!r}={saved.get(name)!r} differs from this run's {mine!r}")
         self.network.load_state(state["network"])
         self.optimizer = self._make_optimizer()

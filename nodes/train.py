@@ -20,6 +20,7 @@ from . import _comfy
 
 NONE = "(none)"
 BACKENDS = ("embedded", "sd-scripts")
+PRECISIONS = ("bf16", "fp16", "no")
 
 
 def _checkpoint_names() -> list[str]:
@@ -28,6 +29,18 @@ def _checkpoint_names() -> list[str]:
     except ImportError:
         return []
     return folder_paths.get_filename_list("checkpoints")
+
+
+def _optimizers() -> list[str]:
+    from lora2_train.optim import OPTIMIZERS
+
+    return ["adamw"] + [o for o in OPTIMIZERS if o != "adamw"]
+
+
+def _vram_presets() -> list[str]:
+    from lora2_train.kohya.launch import VRAM_PRESETS
+
+    return list(VRAM_PRESETS)
 
 
 def _presets() -> list[str]:
@@ -84,6 +97,19 @@ class TrainLoRA2:
                                            "(embedded backend)"}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "recompute UNet blocks in the "
                                                        "backward pass: far less memory, about 30% more time"}),
+                "optimizer": (_optimizers(), {"default": "adamw", "tooltip": "adamw8bit needs bitsandbytes, "
+                              "prodigy prodigyopt (learning_rate 1.0), lion lion-pytorch; ν keeps nu_learning_rate"}),
+                "mixed_precision": (list(PRECISIONS), {"default": "bf16", "tooltip": "sd-scripts backend (the "
+                                    "embedded backend follows the model's dtype)"}),
+                "fp8_base": ("BOOLEAN", {"default": False, "tooltip": "sd-scripts backend: base U-Net in fp8"}),
+                "full_bf16": ("BOOLEAN", {"default": False, "tooltip": "sd-scripts backend: LoRA weights and "
+                              "gradients in bf16 (ν stays float32); needs mixed_precision bf16"}),
+                "preset": (["none", *_vram_presets()], {"default": "none", "tooltip": "sd-scripts backend: GPU "
+                           "memory preset; replaces resolution, batch_size, gradient_checkpointing, optimizer, "
+                           "mixed_precision, fp8_base, full_bf16 and max_params, and caches latents on disk"}),
+                "max_params_millions": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10000.0, "step": 0.1,
+                                        "round": False, "tooltip": "cap on the LoRA parameters while training, "
+                                        "positions allotted by importance; 0: none"}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -92,7 +118,9 @@ class TrainLoRA2:
     def train(self, model, clip, vae, dataset_path, instance_prompt, steps, learning_rate, nu_learning_rate,
               r_init, r_max, r_target, q, lambda_r, lambda_e, seed, resolution, batch_size, target_modules,
               backend, output_name, images=None, captions="", sd_scripts_path="", python_path="",
-              base_checkpoint=NONE, resume_from="", gradient_checkpointing=True, unique_id=None):
+              base_checkpoint=NONE, resume_from="", gradient_checkpointing=True, optimizer="adamw",
+              mixed_precision="bf16", fp8_base=False, full_bf16=False, max_params_millions=0.0, preset="none",
+              unique_id=None):
         import folder_paths
 
         from lora2_train.config import LoRA2Config
@@ -100,21 +128,40 @@ class TrainLoRA2:
 
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        use_preset = False
+        if preset not in (None, "", "none"):
+            from lora2_train.kohya.launch import vram_preset
+
+            if backend != "sd-scripts":
+                raise ValueError(f"preset {preset!r}: GPU memory presets are for the sd-scripts backend")
+            p = vram_preset(preset)
+            resolution, batch_size, optimizer = p["resolution"], p["batch_size"], p["optimizer"]
+            gradient_checkpointing, mixed_precision = p["gradient_checkpointing"], p["mixed_precision"]
+            fp8_base, full_bf16, max_params_millions = p["fp8_base"], p["full_bf16"], p["max_params"] / 1e6
+            use_preset = True
         config = LoRA2Config(q=float(q), r_init=int(r_init), r_target=int(r_target), r_max=int(r_max),
                              lambda_r=float(lambda_r), lambda_e=float(lambda_e), lr=float(learning_rate),
                              nu_lr=float(nu_learning_rate), steps=int(steps), batch_size=int(batch_size),
                              seed=int(seed), targets=target_modules,
                              checkpoint_every=max(1, min(100, int(steps))),
-                             gradient_checkpointing=bool(gradient_checkpointing))
+                             gradient_checkpointing=bool(gradient_checkpointing), optimizer=optimizer,
+                             max_params=int(round(float(max_params_millions) * 1e6)),
+                             # the embedded backend picks its precision from the model (see _run_trainer)
+                             mixed_precision=mixed_precision if backend == "sd-scripts" else "no")
         lora_dir = folder_paths.get_folder_paths("loras")[0]
         out = output_path(lora_dir, output_name)
         if out.exists():
             raise FileExistsError(f"{out}: already exists; choose another output_name (files are never replaced)")
         run = _Run(unique_id, config.steps)
         if backend == "sd-scripts":
+            from lora2_train.kohya.launch import cache_options, precision_options
+
+            extra = precision_options(bool(fp8_base), bool(full_bf16))
+            if use_preset:
+                extra.update(cache_options(config))
             adapter, history = self._train_sd_scripts(config, out, dataset_path, images, captions, instance_prompt,
                                                       resolution, sd_scripts_path, python_path, base_checkpoint,
-                                                      run)
+                                                      run, extra)
         else:
             adapter, history = self._train_embedded(model, clip, vae, config, out, dataset_path, images,
                                                     captions, instance_prompt, resolution, resume_from, run)
@@ -253,7 +300,7 @@ class TrainLoRA2:
 
     # ---------------------------------------------------------------------------------------------
     def _train_sd_scripts(self, config, out, dataset_path, images, captions, instance_prompt, resolution,
-                          sd_scripts_path, python_path, base_checkpoint, run):
+                          sd_scripts_path, python_path, base_checkpoint, run, extra_options=None):
         import comfy.model_management as mm
         import folder_paths
 
@@ -286,7 +333,7 @@ class TrainLoRA2:
                 path = train_sd_scripts(sd_scripts_path, ckpt, folder, str(out.parent), out.stem, config,
                                         config.steps, int(resolution), config.batch_size, config.seed,
                                         python=python_path or None, callback=callback,
-                                        should_stop=mm.processing_interrupted)
+                                        should_stop=mm.processing_interrupted, extra_options=extra_options)
             except TrainingCancelled as e:
                 msg = f"Train LoRA² (sd-scripts): cancelled; {e}"
                 logging.warning(msg)

@@ -99,6 +99,32 @@ def test_config_files_are_valid_toml(tmp_path):
         (16, 8, 64, 0.8, 0.1, ("attn1", "attn2", "ff"))
 
 
+@pytest.mark.parametrize("name, sd_name", [("adam", "torch.optim.Adam"), ("adamw", "AdamW"), ("adamw8bit", "AdamW8bit"),
+                                           ("adafactor", "Adafactor"), ("prodigy", "Prodigy"), ("lion", "Lion")])
+def test_optimizer_settings_are_ones_the_network_accepts(tmp_path, name, sd_name):
+    from argparse import Namespace
+
+    from lora2_train.optim import check_sd_scripts_optimizer, sd_scripts_optimizer_type
+
+    cfg = LoRA2Config(optimizer=name, mixed_precision="bf16")
+    s = launch.training_settings(tmp_path / "m.safetensors", tmp_path / "d.toml", tmp_path, "n", cfg, 10, 0)
+    assert s["optimizer_type"] == sd_name and s["mixed_precision"] == "bf16"
+    assert check_sd_scripts_optimizer(sd_scripts_optimizer_type(Namespace(optimizer_type=sd_name)))
+    if name == "adafactor":  # a fixed learning rate, as in the embedded trainer
+        assert {"relative_step=False", "scale_parameter=False", "warmup_init=False"} <= set(s["optimizer_args"])
+
+
+def test_precision_options_that_do_not_go_together_are_refused(tmp_path):
+    cfg = LoRA2Config(mixed_precision="no")
+    settings = (tmp_path / "m.safetensors", tmp_path / "d.toml", tmp_path, "n", cfg, 10, 0)
+    with pytest.raises(ValueError, match="^fp8_base needs mixed_precision 'bf16' or 'fp16', got 'no'$"):
+        launch.training_settings(*settings, extra=launch.precision_options(fp8_base=True))
+    with pytest.raises(ValueError, match="^full_bf16 needs mixed_precision 'bf16'"):
+        launch.training_settings(*settings, extra={"mixed_precision": "fp16", "full_bf16": True})
+    s = launch.training_settings(*settings, extra={"mixed_precision": "bf16", **launch.precision_options(True, True)})
+    assert s["fp8_base"] is True and s["full_bf16"] is True
+
+
 def test_parse_progress_lines():
     line = 'noise LORA2_PROGRESS {"step":3,"total":9,"loss":0.5,"mse":0.4,"reg":0.1,"entropy":0.0,' \
            '"num_params":100,"resized":{"k":[8,4]},"elapsed":1.5,"ranks":{"k":4}}\n'
@@ -210,12 +236,29 @@ def test_cli_train_command(tmp_path, capsys):
     common = ["train", "--checkpoint", str(ckpt), "--dataset", str(data), "--out", str(tmp_path / "o"),
               "--name", "cli", "--steps", "3", "--resolution", "256"]
     rc = cli.main(common + ["--sd-scripts", str(checkout), "--sd-scripts-python", fake_python(tmp_path, PROTOCOL),
-                            "--r-init", "8", "--targets", "attn+ff", "--sd-option", "min_snr_gamma=5"])
+                            "--r-init", "8", "--targets", "attn+ff", "--sd-option", "min_snr_gamma=5",
+                            "--optimizer", "adamw8bit", "--full-bf16", "--max-params", "500000"])
     assert rc == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].endswith("cli.safetensors")
     s = tomllib.loads((tmp_path / "o" / ".lora2-cli" / "train.toml").read_text())
     assert s["min_snr_gamma"] == 5 and "targets=attn1,attn2,ff" in s["network_args"]
+    assert s["optimizer_type"] == "AdamW8bit" and s["mixed_precision"] == "bf16" and s["full_bf16"] is True
+    assert "max_params=500000" in s["network_args"] and "fp8_base" not in s
+    # a GPU memory preset fills what is not given explicitly
+    common_p = [a for a in common if a not in ("--resolution", "256")] + ["--name", "cli8", "--sd-scripts", str(checkout),
+                                                                          "--sd-scripts-python", fake_python(tmp_path, PROTOCOL)]
+    assert cli.main(common_p + ["--preset", "8GB", "--batch-size", "2"]) == 0
+    s = tomllib.loads((tmp_path / "o" / ".lora2-cli8" / "train.toml").read_text())
+    d = tomllib.loads((tmp_path / "o" / ".lora2-cli8" / "dataset.toml").read_text())
+    assert d["datasets"][0]["resolution"] == [768, 768] and d["datasets"][0]["batch_size"] == 2
+    assert s["optimizer_type"] == "AdamW8bit" and s["fp8_base"] is True and s["full_bf16"] is True
+    assert s["gradient_checkpointing"] is True and "max_params=20000000" in s["network_args"]
+    assert s["cache_latents_to_disk"] is True and s["cache_text_encoder_outputs_to_disk"] is True
+    capsys.readouterr()
+    rc = cli.main(common + ["--sd-scripts", str(checkout), "--mixed-precision", "fp16", "--full-bf16"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err == ["lora2_train train: error: full_bf16 needs mixed_precision 'bf16', got 'fp16'"], err
     rc = cli.main(common + ["--sd-scripts", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "not an sd-scripts checkout" in err[0]

@@ -181,15 +181,94 @@ def test_in_place_resize_carries_state_of_surviving_positions(small_unet, encode
         net.close()
 
 
-def test_refuses_8bit_optimizer_state(small_unet, encoders):
+def test_refuses_unknown_8bit_state_layout(small_unet, encoders):
     net = make(small_unet, encoders, dim=4)
     try:
         groups, _ = net.prepare_optimizer_params(None, 1e-3, 1e-3)
         opt = torch.optim.SGD(groups, lr=1e-3)
         p = net.weight_parameters()[0]
         opt.state[p] = {"state1": torch.zeros(p.shape, dtype=torch.uint8), "absmax1": torch.zeros(1)}
-        with pytest.raises(RuntimeError, match="8-bit.*AdamW"):
+        with pytest.raises(RuntimeError, match="without qmap1/absmax1.*AdamW, AdamW8bit"):
             net.attach_optimizer(opt)
+    finally:
+        net.close()
+
+
+def _sd_args(optimizer_type, **kw):
+    from argparse import Namespace
+    return Namespace(optimizer_type=optimizer_type, use_8bit_adam=False, use_lion_optimizer=False, **kw)
+
+
+def test_adamw8bit_in_place_resizes_carry_quantized_state(small_unet, encoders):
+    """sd-scripts' AdamW8bit (bitsandbytes, its CPU path): state carried through in-place re-allocation."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as BF
+
+    net = make(small_unet, encoders, dim=8, r_max=16, resize_every=2, rank_block=1)
+    try:
+        net.prepare_network(_sd_args("AdamW8bit"))
+        net.apply_to(encoders, small_unet)
+        groups, _ = net.prepare_optimizer_params_with_multiple_te_lrs(None, 1e-3, 1e-3)
+        opt = WrappedOptimizer(bnb.optim.AdamW8bit(groups, lr=1e-3, min_8bit_size=16))
+        layer = next(iter(net.layers.values()))
+        down = layer.lora_down
+        for step in range(3):
+            if step == 1:
+                layer.rho.data.fill_(layer._rho_for_rank(12))
+                st = opt.optimizer.state[down]
+                m = BF.dequantize_blockwise(st["state1"], absmax=st["absmax1"], code=st["qmap1"], blocksize=256)
+            opt.zero_grad()
+            loss_of(small_unet, net, seed=step).backward()
+            opt.step()
+            if step == 1:  # the re-allocation after step 2 carried the state of step 2
+                assert layer.rank == 12 and layer.lora_down is down
+                st = opt.optimizer.state[down]
+                assert st["state1"].dtype == torch.uint8 and st["state1"].shape == (12, down.shape[1])
+                assert st["absmax1"].numel() == -(-down.numel() // 256)
+        assert torch.isfinite(loss_of(small_unet, net)) and m.shape[0] == 8
+    finally:
+        net.close()
+
+
+@pytest.mark.parametrize("kind", ["Prodigy", "Adafactor"])
+def test_prodigy_and_adafactor_leave_rho_to_its_own_adam(small_unet, encoders, kind):
+    """sd-scripts builds Prodigy / Adafactor from the groups; ρ is not among them and moves by nu_lr."""
+    from prodigyopt import Prodigy
+    from transformers.optimization import Adafactor
+
+    net = make(small_unet, encoders, dim=8, r_max=16, resize_every=2, rank_block=1, nu_lr=0.02)
+    try:
+        net.prepare_network(_sd_args(kind))
+        net.apply_to(encoders, small_unet)
+        groups, desc = net.prepare_optimizer_params_with_multiple_te_lrs(None, 1.0, 1.0)
+        assert "nu" not in desc and net.rank_optimizer is not None
+        rho = net.rank_parameters()
+        assert not any(p is r for g in groups for p in g["params"] for r in rho)
+        assert all(not any(p is r for r in rho) for p in net.get_trainable_params())
+        opt = (Prodigy(groups, lr=1.0) if kind == "Prodigy" else Adafactor(groups, lr=None, relative_step=True))
+        with torch.no_grad():
+            for layer in net.layers.values():
+                layer.lora_up.normal_(std=0.3)  # so that ρ gets a gradient (well above Adam's eps) at the first step
+        before = torch.stack([p.detach().clone() for p in rho])
+        for step in range(3):
+            opt.zero_grad()
+            loss_of(small_unet, net, seed=step).backward()
+            opt.step()
+            if step == 0:
+                moved = (torch.stack([p.detach() for p in rho]) - before).abs()
+                # Adam's first step is nu_lr·g/(|g|+eps): nu_lr where the gradient is well above eps
+                assert float(moved.max()) <= 0.02 * (1 + 1e-4) and float(moved.median()) == pytest.approx(0.02, rel=1e-3)
+                assert all(p.grad is None for p in rho)
+        assert net.steps == 3 and torch.isfinite(loss_of(small_unet, net))
+    finally:
+        net.close()
+
+
+def test_refuses_optimizers_it_cannot_carry(small_unet, encoders):
+    net = make(small_unet, encoders, dim=4)
+    try:
+        with pytest.raises(ConfigError, match="DAdaptAdam: .*use Prodigy"):
+            net.prepare_network(_sd_args("DAdaptAdam"))
     finally:
         net.close()
 
@@ -415,8 +494,10 @@ def test_trainer_extension_refuses_unsupported_options(tmp_path):
     from lora2_train.kohya.train import main, make_trainer_class
 
     trainer = make_trainer_class(_TrainerBase)()
-    with pytest.raises(ConfigError, match="AdamW8bit.*per-element"):
-        trainer.assert_extra_args(_args(tmp_path, optimizer_type="AdamW8bit"), None, None)
+    for ok in ("AdamW8bit", "Adafactor", "Prodigy", "Lion", "torch.optim.Adam"):
+        trainer.assert_extra_args(_args(tmp_path, optimizer_type=ok), None, None)
+    with pytest.raises(ConfigError, match="AdamWScheduleFree: .*cannot carry this optimizer's state; use AdamW"):
+        trainer.assert_extra_args(_args(tmp_path, optimizer_type="AdamWScheduleFree"), None, None)
     with pytest.raises(ConfigError, match="lambda_e > 0 with --gradient_checkpointing"):
         trainer.assert_extra_args(_args(tmp_path, gradient_checkpointing=True), None, None)
     with pytest.raises(ConfigError, match="--network_module must be lora2_train.kohya.network"):

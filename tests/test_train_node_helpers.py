@@ -27,6 +27,13 @@ def test_inputs_cover_the_paper_hyperparameters_and_presets(train_mod):
     assert req["backend"][0] == ["embedded", "sd-scripts"]
     assert {"images", "captions", "sd_scripts_path", "python_path", "base_checkpoint", "resume_from"} <= set(opt)
     assert spec["hidden"] == {"unique_id": "UNIQUE_ID"}
+    # sd-scripts backend: bf16 mixed precision with AdamW unless chosen otherwise
+    assert opt["optimizer"][0][0] == "adamw" == opt["optimizer"][1]["default"]
+    assert {"adamw8bit", "adafactor", "prodigy", "lion", "adam"} <= set(opt["optimizer"][0])
+    assert opt["mixed_precision"][0] == ["bf16", "fp16", "no"] and opt["mixed_precision"][1]["default"] == "bf16"
+    assert opt["fp8_base"][1]["default"] is False and opt["full_bf16"][1]["default"] is False
+    assert opt["max_params_millions"][1]["default"] == 0.0
+    assert opt["preset"][0] == ["none", "8GB", "12GB", "16GB", "24GB", "48GB"] and opt["preset"][1]["default"] == "none"
     assert train_mod.TrainLoRA2.RETURN_TYPES == ("MODEL", "CLIP", "LORA2", "LORA2_HISTORY")
 
 

@@ -21,6 +21,7 @@ from typing import Callable
 
 from ..config import LoRA2Config
 from ..format import output_path
+from ..optim import OPTIMIZERS, SD_SCRIPTS_NAMES
 from ..progress import progress_bar
 from ..trainer import ProgressEvent
 
@@ -114,7 +115,64 @@ def network_args(config: LoRA2Config) -> list[str]:
     """LoRA2Config → sd-scripts ``--network_args`` strings (see :mod:`lora2_train.kohya.network`)."""
     names = ("r_max", "r_target", "r_min", "q", "lambda_r", "lambda_e", "beta", "nu_lr", "resize_every",
              "rank_block", "scale", "entropy_queries")
-    return [f"{n}={getattr(config, n)}" for n in names] + [f"targets={','.join(config.targets)}"]
+    args = [f"{n}={getattr(config, n)}" for n in names] + [f"targets={','.join(config.targets)}"]
+    if config.max_params:
+        args.append(f"max_params={config.max_params}")
+    return args
+
+
+def optimizer_options(config: LoRA2Config) -> dict:
+    """sd-scripts ``optimizer_type`` / ``optimizer_args`` for ``config.optimizer`` (lora2_train.optim).
+    Adafactor runs at the given learning rate (no relative step, no parameter scaling), as in the
+    embedded trainer."""
+    args = [f"weight_decay={config.weight_decay}"]
+    if config.optimizer == "adafactor":
+        args += ["relative_step=False", "scale_parameter=False", "warmup_init=False"]
+    return {"optimizer_type": SD_SCRIPTS_NAMES[config.optimizer], "optimizer_args": args}
+
+
+#: sd-scripts settings per GPU memory size (SDXL, U-Net only, caches on disk).  Designed from the sizes
+#: involved (U-Net 2.6 B parameters: 5.1 GB in bf16, 2.6 GB in fp8; LoRA parameters 16 B each with fp32
+#: AdamW, 6 B with full bf16 + AdamW8bit; activations with gradient checkpointing about 1.5 GB per 768² and
+#: 3 GB per 1024² image); not measured on a GPU.
+VRAM_PRESETS = {
+    "8GB": dict(resolution=768, batch_size=1, gradient_checkpointing=True, optimizer="adamw8bit", fp8_base=True,
+                full_bf16=True, max_params=20_000_000),
+    "12GB": dict(resolution=1024, batch_size=1, gradient_checkpointing=True, optimizer="adamw8bit", fp8_base=True,
+                 full_bf16=True, max_params=50_000_000),
+    "16GB": dict(resolution=1024, batch_size=1, gradient_checkpointing=True, optimizer="adamw8bit", fp8_base=False,
+                 full_bf16=True, max_params=100_000_000),
+    "24GB": dict(resolution=1024, batch_size=2, gradient_checkpointing=True, optimizer="adamw", fp8_base=False,
+                 full_bf16=False, max_params=200_000_000),
+    "48GB": dict(resolution=1024, batch_size=4, gradient_checkpointing=True, optimizer="adamw", fp8_base=False,
+                 full_bf16=False, max_params=0),
+}
+
+
+def vram_preset(name: str) -> dict:
+    """The settings of a VRAM preset (a copy); one-line ValueError naming the presets for another name."""
+    if name not in VRAM_PRESETS:
+        raise ValueError(f"preset {name!r} is not one of {', '.join(VRAM_PRESETS)}")
+    return dict(VRAM_PRESETS[name], mixed_precision="bf16")
+
+
+def cache_options(config: LoRA2Config) -> dict:
+    """sd-scripts options that keep latents (and text-encoder outputs when the encoders are not trained) on disk."""
+    te = any(t.startswith("te_") for t in config.targets)
+    return {"cache_latents_to_disk": True, **({} if te else {"cache_text_encoder_outputs_to_disk": True})}
+
+
+def check_precision(settings: dict) -> None:
+    """sd-scripts' precision options that only work together, refused in one line before the run."""
+    mp = settings.get("mixed_precision") or "no"
+    if mp not in ("no", "fp16", "bf16"):
+        raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {mp!r}")
+    if settings.get("full_bf16") and mp != "bf16":
+        raise ValueError(f"full_bf16 needs mixed_precision 'bf16', got {mp!r}")
+    if settings.get("full_fp16") and mp != "fp16":
+        raise ValueError(f"full_fp16 needs mixed_precision 'fp16', got {mp!r}")
+    if (settings.get("fp8_base") or settings.get("fp8_base_unet")) and mp == "no":
+        raise ValueError("fp8_base needs mixed_precision 'bf16' or 'fp16', got 'no'")
 
 
 def dataset_toml(dataset_dir: Path, resolution: int, batch_size: int, class_tokens: str) -> str:
@@ -149,8 +207,7 @@ def training_settings(base_checkpoint, dataset_config, output_dir, output_name, 
         "max_train_steps": steps,
         "learning_rate": config.lr,
         "unet_lr": config.lr,
-        "optimizer_type": "AdamW" if config.optimizer == "adamw" else "torch.optim.Adam",
-        "optimizer_args": [f"weight_decay={config.weight_decay}"],
+        **optimizer_options(config),
         "lr_scheduler": "constant",
         "mixed_precision": config.mixed_precision,
         "gradient_checkpointing": config.gradient_checkpointing,
@@ -161,6 +218,7 @@ def training_settings(base_checkpoint, dataset_config, output_dir, output_name, 
         "tokenizer_cache_dir": str(tokenizer_cache_dir) if tokenizer_cache_dir else None,
     }
     s.update(extra or {})
+    check_precision(s)
     return s
 
 
@@ -222,6 +280,7 @@ def train_sd_scripts(sd_scripts_dir, base_checkpoint, dataset_dir, output_dir, o
     folder = check_sd_scripts(sd_scripts_dir)
     python = str(python or sys.executable)
     config = config.validate()
+    check_precision({"mixed_precision": config.mixed_precision, **(extra_options or {})})
     base_checkpoint, dataset_dir = Path(base_checkpoint).expanduser(), Path(dataset_dir).expanduser()
     if not base_checkpoint.is_file():
         raise FileNotFoundError(f"{base_checkpoint}: no such checkpoint file")
@@ -330,8 +389,11 @@ def add_train_parser(sub) -> None:
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--name", required=True, help="adapter name (<out>/<name>.safetensors)")
     t.add_argument("--steps", type=int, default=500)
-    t.add_argument("--resolution", type=int, default=1024)
-    t.add_argument("--batch-size", dest="batch_size", type=int, default=1)
+    t.add_argument("--preset", choices=tuple(VRAM_PRESETS), default=None,
+                   help="GPU memory preset: resolution, batch size, gradient checkpointing, optimizer, fp8/full-bf16, "
+                        "max params, caches on disk (options given explicitly take precedence)")
+    t.add_argument("--resolution", type=int, default=None, help="default 1024 (or the preset's)")
+    t.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="default 1 (or the preset's)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--r-init", dest="r_init", type=int, default=LoRA2Config.r_init)
     t.add_argument("--r-target", dest="r_target", type=int, default=None, help="default: r_init")
@@ -345,6 +407,15 @@ def add_train_parser(sub) -> None:
     t.add_argument("--resize-every", dest="resize_every", type=int, default=LoRA2Config.resize_every)
     t.add_argument("--targets", default="attn", help="preset (attn, attn+ff, attn+ff+proj, all) or comma list")
     t.add_argument("--mixed-precision", dest="mixed_precision", choices=("no", "fp16", "bf16"), default="bf16")
+    t.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                   help="adamw8bit needs bitsandbytes, prodigy prodigyopt (use --lr 1), lion lion-pytorch, adafactor "
+                        "transformers, in sd-scripts' Python")
+    t.add_argument("--fp8-base", dest="fp8_base", action="store_true",
+                   help="base U-Net weights in fp8 (sd-scripts --fp8_base; needs bf16/fp16 mixed precision)")
+    t.add_argument("--full-bf16", dest="full_bf16", action="store_true",
+                   help="LoRA weights and gradients in bf16 (sd-scripts --full_bf16; ρ stays float32)")
+    t.add_argument("--max-params", dest="max_params", type=int, default=None,
+                   help="cap on the LoRA parameters during training, positions allotted by importance (0: none)")
     t.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true")
     t.add_argument("--save-every", dest="save_every", type=int, default=None, help="also save every N steps")
     t.add_argument("--tokenizer-cache-dir", dest="tokenizer_cache_dir", default=None,
@@ -353,6 +424,11 @@ def add_train_parser(sub) -> None:
                    help="extra sd-scripts option (repeatable), e.g. --sd-option min_snr_gamma=5")
     t.add_argument("--overwrite", action="store_true", help="replace an existing adapter of that name")
     t.set_defaults(func=cmd_train)
+
+
+def precision_options(fp8_base: bool = False, full_bf16: bool = False) -> dict:
+    """sd-scripts options for fp8 base weights and full-bf16 training (only the ones set)."""
+    return {k: True for k, v in (("fp8_base", fp8_base), ("full_bf16", full_bf16)) if v}
 
 
 def _parse_option(text: str):
@@ -371,12 +447,22 @@ def cmd_train(args) -> int:
                          "(python -m lora2_train demo); use --backend sd-scripts to train on a checkpoint file")
     if not args.sd_scripts:
         raise ValueError("--sd-scripts DIR (or $SD_SCRIPTS_DIR) is required for --backend sd-scripts")
+    p = vram_preset(args.preset) if args.preset else {}
+    for name, default in (("resolution", 1024), ("batch_size", 1), ("optimizer", "adamw"), ("max_params", 0)):
+        if getattr(args, name) is None:
+            setattr(args, name, p.get(name, default))
+    for name in ("gradient_checkpointing", "fp8_base", "full_bf16"):
+        setattr(args, name, getattr(args, name) or p.get(name, False))
     config = LoRA2Config(r_init=args.r_init, r_target=args.r_target or args.r_init, r_max=args.r_max, q=args.q,
                          lambda_r=args.lambda_r, lambda_e=args.lambda_e, beta=args.beta, lr=args.lr,
                          nu_lr=args.nu_lr, resize_every=args.resize_every, targets=args.targets,
-                         optimizer="adamw", steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing)
-    extra = dict(_parse_option(o) for o in args.sd_options)
+                         optimizer=args.optimizer, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+                         max_params=args.max_params)
+    extra = precision_options(args.fp8_base, args.full_bf16)
+    if args.preset:
+        extra.update(cache_options(config))
+    extra.update(_parse_option(o) for o in args.sd_options)
     path = train_sd_scripts(args.sd_scripts, args.checkpoint, args.dataset, args.out, args.name, config, args.steps,
                             args.resolution, args.batch_size, args.seed, python=args.sd_python,
                             callback=progress_bar(args.steps), overwrite=args.overwrite,

@@ -12,14 +12,18 @@ Arguments:
   ``--network_alpha`` ignored: LoRA² scales by Λ (spec §1) and saves alpha = rank.
   ``--network_args``  ``key=value`` strings: r_max, r_target (default r_init), r_min,
                       q, lambda_r, lambda_e, beta, nu_lr, resize_every, rank_block,
-                      scale, entropy_queries, targets (a preset of ``config.TARGET_PRESETS``
-                      such as ``attn`` or ``attn+ff``, or a comma list of groups).
+                      scale, entropy_queries, max_params (a cap on the LoRA parameters, 0: none),
+                      targets (a preset of ``config.TARGET_PRESETS`` such as ``attn`` or
+                      ``attn+ff``, or a comma list of groups).
 
 sd-scripts builds its optimizer once, so re-allocation keeps the Parameter
 objects and swaps their data and the optimizer's state in place
 (:meth:`AdaptiveLoRA.resize` with ``in_place=True``), every ``resize_every``
 optimizer steps, from a post-step hook on the optimizer that holds this
-network's parameters.  The extra loss terms λ_r·L_reg + λ_e·L_entropy are
+network's parameters.  The optimizers whose state can be carried (AdamW, AdamW8bit,
+Lion, Adafactor, Prodigy, …) and the separate Adam that steps ρ under Prodigy and
+Adafactor are described in :mod:`lora2_train.optim`; ρ stays float32 under
+``--full_bf16`` / ``--full_fp16`` casts of the network.  The extra loss terms λ_r·L_reg + λ_e·L_entropy are
 added by the trainer extension :mod:`lora2_train.kohya.train`; with plain
 ``train_network.py`` this module trains, but ν only feels the diffusion loss.
 """
@@ -42,6 +46,7 @@ from ..config import TARGET_GROUPS, ConfigError, LoRA2Config
 from ..format import (Adapter, AdapterFormatError, LoRAModule, adapter_from_network, adapter_state_dict,
                       atomic_write_bytes, load_adapter, save_adapter)
 from ..network import TARGET_PATTERNS, TE_GROUPS, LoRA2Network
+from .. import optim as O
 from ..naming import TE_PREFIXES, UNET_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -50,7 +55,7 @@ logger = logging.getLogger(__name__)
 NETWORK_ARGS = {
     "r_max": int, "r_target": int, "r_min": int, "q": float, "lambda_r": float, "lambda_e": float,
     "beta": float, "nu_lr": float, "resize_every": int, "rank_block": int, "scale": float,
-    "entropy_queries": int, "targets": str,
+    "entropy_queries": int, "targets": str, "max_params": int,
 }
 #: keys sd-scripts or other networks' habits may pass that carry no meaning here when unset
 _IGNORED_WHEN_UNSET = ("dropout", "rank_dropout", "module_dropout")
@@ -127,6 +132,12 @@ class KohyaLoRA2Network(LoRA2Network):
         #: called as fn(path, ranks) after every save
         self.save_listeners: list[Callable[[str, dict], None]] = []
         self._global_hook = None
+        #: sd-scripts' optimizer family (set by prepare_network); under Prodigy/Adafactor ρ is stepped by
+        #: rank_optimizer, a plain Adam at nu_lr, after each step of sd-scripts' optimizer (lora2_train.optim)
+        self.optimizer_family = "adamw"
+        self.rank_optimizer: torch.optim.Optimizer | None = None
+        #: accelerate's GradScaler under fp16 (set by the trainer extension): ρ's gradients are unscaled by it
+        self.grad_scaler = None
         self._frozen: list[nn.Parameter] = []
         self._lam_vectorized = True
 
@@ -172,7 +183,12 @@ class KohyaLoRA2Network(LoRA2Network):
             layer.multiplier = self.multiplier if is_enabled else 0.0
 
     def prepare_network(self, args) -> None:
-        """Called by sd-scripts with its parsed arguments before ``apply_to``; nothing to adjust."""
+        """Called by sd-scripts with its parsed arguments before the optimizer groups are asked for:
+        note the optimizer (one whose state LoRA² cannot carry is refused here, in one line)."""
+        try:
+            self.optimizer_family = O.check_sd_scripts_optimizer(O.sd_scripts_optimizer_type(args))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def prepare_grad_etc(self, text_encoder, unet) -> None:
         self.requires_grad_(True)
@@ -186,7 +202,10 @@ class KohyaLoRA2Network(LoRA2Network):
         """Called before each step; re-allocation happens after optimizer steps (see :meth:`watch_optimizer`)."""
 
     def get_trainable_params(self):
-        return [p for p in self.parameters() if p.requires_grad]
+        """What sd-scripts clips; ρ stepped by the network's own Adam is left out (under fp16 its gradient
+        is still loss-scaled at clipping time, and Adam's step does not depend on its norm)."""
+        own = {id(p) for p in self.rank_parameters()} if self.rank_optimizer is not None else set()
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in own]
 
     # ---- sd-scripts: optimizer ----------------------------------------------------------------
     def prepare_optimizer_params_with_multiple_te_lrs(self, text_encoder_lr, unet_lr, default_lr=None):
@@ -223,7 +242,13 @@ class KohyaLoRA2Network(LoRA2Network):
         for i, prefix in enumerate(TE_PREFIXES):
             add(weights(prefix), te_lrs[min(i, len(te_lrs) - 1)], f"textencoder {i + 1}")
         add(weights(UNET_PREFIX), unet_lr, "unet")
-        add(self.rank_parameters(), self.config.nu_lr, "nu", weight_decay=0.0)
+        if O.needs_rank_optimizer(self.optimizer_family):
+            # Prodigy takes one learning rate for all groups, Adafactor's relative step none: ρ keeps nu_lr
+            # through its own Adam, stepped after each step of sd-scripts' optimizer
+            self.rank_optimizer = torch.optim.Adam(self.rank_parameters(), lr=self.config.nu_lr)
+        else:
+            self.rank_optimizer = None
+            add(self.rank_parameters(), self.config.nu_lr, "nu", weight_decay=0.0)
         self.watch_optimizer()
         return groups, descriptions
 
@@ -238,33 +263,49 @@ class KohyaLoRA2Network(LoRA2Network):
 
     def _on_any_step(self, optimizer, args, kwargs) -> None:
         if self.optimizer is None:
-            probe = self.layers[next(iter(self.layers))].rho
-            if not any(p is probe for g in optimizer.param_groups for p in g["params"]):
+            mine = {id(p) for p in self.parameters()}
+            if not any(id(p) in mine for g in optimizer.param_groups for p in g["params"]):
                 return
             self.attach_optimizer(optimizer)
         if optimizer is self.optimizer:
             self.after_optimizer_step()
 
     def attach_optimizer(self, optimizer) -> None:
-        """Use `optimizer` (or the one it wraps) for in-place re-allocation; refuse 8-bit state early."""
+        """Use `optimizer` (or the one it wraps) for in-place re-allocation; a state layout that cannot be
+        carried (:func:`lora2_train.optim.check_state`) is refused here, at the first step."""
         optimizer = getattr(optimizer, "optimizer", optimizer)
-        for p in self.weight_parameters():
-            for k, v in optimizer.state.get(p, {}).items():
-                if isinstance(v, torch.Tensor) and v.dim() > 0 and not v.is_floating_point():
-                    raise RuntimeError(
-                        f"optimizer {type(optimizer).__name__} keeps quantized state {k!r} ({v.dtype}); LoRA² "
-                        f"re-allocates ranks during training and cannot carry 8-bit state: use --optimizer_type AdamW")
+        for layer in self.layers.values():
+            for p in (layer.lora_down, layer.lora_up):
+                state = optimizer.state.get(p)
+                if state:
+                    group = next((g for g in optimizer.param_groups if any(q is p for q in g["params"])), None)
+                    O.check_state(state, p.shape, layer.name, type(optimizer).__name__, group)
         self.optimizer = optimizer
 
     def after_optimizer_step(self) -> dict:
         """Count the step; every ``resize_every`` steps re-allocate at D(ν) in place; tell listeners."""
         self.steps += 1
+        if self.rank_optimizer is not None:
+            self._step_rank_optimizer()
         resized = {}
         if self.steps % self.config.resize_every == 0 and (self.final_step is None or self.steps < self.final_step):
             resized = self.resize(self.optimizer, in_place=True)
         for fn in list(self.step_listeners):
             fn(self.steps, resized)
         return resized
+
+    def _step_rank_optimizer(self) -> None:
+        """ρ's own Adam step: its gradients unscaled by the fp16 loss scale; skipped when not finite."""
+        params = [p for p in self.rank_parameters() if p.grad is not None]
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        scaler = self.grad_scaler
+        if scaler is not None and getattr(scaler, "is_enabled", lambda: False)():
+            torch._foreach_mul_(grads, 1.0 / float(scaler.get_scale()))
+        if bool(torch.isfinite(torch.stack([g.reshape(()) for g in grads]).float()).all()):  # one device sync
+            self.rank_optimizer.step()
+        self.rank_optimizer.zero_grad(set_to_none=True)
 
     def close(self) -> None:
         """Stop watching optimizers and give the wrapped modules their forward back."""

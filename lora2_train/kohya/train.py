@@ -27,6 +27,7 @@ import time
 from ..config import ConfigError
 from ..format import AdapterFormatError
 from ..objective import CrossAttentionEntropy
+from ..optim import check_sd_scripts_optimizer, sd_scripts_optimizer_type
 from . import network as kn
 from .launch import ERROR_PREFIX, PROGRESS_PREFIX, SAVED_PREFIX, SdScriptsError, check_sd_scripts
 
@@ -90,10 +91,10 @@ def make_trainer_class(base):
             if args.network_module != kn.NETWORK_MODULE_NAME:
                 raise ConfigError(f"--network_module must be {kn.NETWORK_MODULE_NAME} for LoRA² training, "
                                   f"got {args.network_module!r}")
-            opt = (args.optimizer_type or "").lower()
-            if getattr(args, "use_8bit_adam", False) or "8bit" in opt or "adafactor" in opt:
-                raise ConfigError(f"--optimizer_type {args.optimizer_type or 'AdamW8bit'}: LoRA² re-allocates ranks "
-                                  f"during training and needs per-element 32-bit optimizer state (e.g. AdamW)")
+            try:
+                check_sd_scripts_optimizer(sd_scripts_optimizer_type(args))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
             config = _network_config(args)
             if config.lambda_e > 0 and args.gradient_checkpointing:
                 raise ConfigError("lambda_e > 0 with --gradient_checkpointing: sd-scripts recomputes blocks "
@@ -111,6 +112,7 @@ def make_trainer_class(base):
                 return super().process_batch(*a, **kw)
             if self._lora2_net is not net:
                 self._attach(net, accelerator.unwrap_model(p["unet"]), p["args"])
+                net.grad_scaler = getattr(accelerator, "scaler", None)
             if self._entropy is not None:
                 self._entropy.reset()
             loss = super().process_batch(*a, **kw)

@@ -53,12 +53,18 @@ def budget_ranks(modules: dict[str, LoRAModule], params: int) -> dict[str, int]:
     floor = sum(cost.values())
     if params < floor:
         raise ValueError(f"--params {params} is below {floor}, the size of one position per module")
-    keep = {k: 1 for k in modules}
-    left = params - floor
-    heap = []
-    for k, m in modules.items():
-        for p, s in enumerate(position_scores(m)[1:], start=1):
-            heap.append((-s, k, p))
+    scores = {k: position_scores(m) for k, m in modules.items()}
+    return allot(scores, cost, params, {k: 1 for k in modules})
+
+
+def allot(scores: dict[str, list[float]], cost: dict[str, int], budget: int, floor: dict[str, int]) -> dict[str, int]:
+    """Units per key within `budget`: every key starts with its first ``floor[k]`` units; then units are
+    taken in decreasing score (``scores[k][p]``, non-increasing in p, so each key keeps a prefix), each
+    while its cost ``cost[k]`` still fits.  Used by the load-time ``--params`` budget (positions scored
+    by ‖B[:,p]‖·‖A[p]‖) and by training's ``max_params`` (blocks scored by their f-mass)."""
+    keep = dict(floor)
+    left = budget - sum(cost[k] * floor[k] for k in scores)
+    heap = [(-s, k, p) for k, sc in scores.items() for p, s in enumerate(sc) if p >= floor[k]]
     heapq.heapify(heap)
     while heap and left > 0:
         _, k, p = heapq.heappop(heap)
