@@ -73,15 +73,29 @@ class TrainResult:
 
 
 class SampledDataset:
-    """Samples batches from a finite list of examples ``{"latents": (C,H,W), "cond": {name: tensor}}``."""
+    """Samples batches from a finite list of examples ``{"latents": (C,H,W), "cond": {name: tensor}}``.
+
+    Examples of different latent sizes (aspect-ratio buckets) are grouped by size and every batch comes
+    from one group: a first uniform draw over all examples picks the group (so a group is chosen in
+    proportion to its size), then the batch is drawn uniformly within it.  With one size this is a plain
+    uniform draw over the examples."""
 
     def __init__(self, examples: Sequence[dict]):
         if len(examples) == 0:
             raise ValueError("dataset is empty: no (latents, conditioning) examples to train on")
         self.examples = list(examples)
+        groups: dict[tuple, list[int]] = {}
+        for i, ex in enumerate(self.examples):
+            groups.setdefault(tuple(ex["latents"].shape), []).append(i)
+        self.groups = list(groups.values())
+        self._group_of = {i: g for g in self.groups for i in g}
 
     def sample(self, batch_size: int, generator: torch.Generator) -> dict:
-        idx = torch.randint(0, len(self.examples), (batch_size,), generator=generator).tolist()
+        if len(self.groups) == 1:
+            idx = torch.randint(0, len(self.examples), (batch_size,), generator=generator).tolist()
+        else:
+            group = self._group_of[int(torch.randint(0, len(self.examples), (1,), generator=generator))]
+            idx = [group[i] for i in torch.randint(0, len(group), (batch_size,), generator=generator).tolist()]
         items = [self.examples[i] for i in idx]
         cond = {k: torch.stack([it["cond"][k] for it in items]) for k in items[0]["cond"]}
         return {"latents": torch.stack([it["latents"] for it in items]), "cond": cond}
