@@ -385,7 +385,9 @@ class TrainLoRA2:
                 path = train_sd_scripts(sd_scripts_path, ckpt, folder, str(out.parent), out.stem, config,
                                         config.steps, int(resolution), config.batch_size, config.seed,
                                         python=python_path or None, callback=callback,
-                                        should_stop=mm.processing_interrupted)
+                                        should_stop=mm.processing_interrupted,
+                                        save_every=config.save_every_n_steps or None,
+                                        extra_options=_sd_scripts_options(config))
             except TrainingCancelled as e:
                 msg = f"Train LoRA² (sd-scripts): cancelled; {e}"
                 logging.warning(msg)
@@ -487,6 +489,19 @@ def _block_means(ranks):
     from lora2_train.plot import mean_rank_by_block
 
     return {k: round(float(v), 3) for k, v in mean_rank_by_block(ranks).items()}
+
+
+def _sd_scripts_options(config) -> dict:
+    """The node's training controls as sd-scripts options (the same names; ``mse`` is sd-scripts' ``l2``, and
+    its Huber threshold is held constant as in the embedded trainer)."""
+    opts = {"gradient_accumulation_steps": config.gradient_accumulation_steps,
+            "max_grad_norm": config.max_grad_norm, "lr_scheduler": config.lr_scheduler,
+            "lr_warmup_steps": config.lr_warmup_steps or None,
+            "min_snr_gamma": config.min_snr_gamma or None, "noise_offset": config.noise_offset or None,
+            "loss_type": {"mse": "l2", "huber": "huber"}[config.loss_type]}
+    if config.loss_type == "huber":
+        opts.update(huber_c=config.huber_c, huber_schedule="constant")
+    return opts
 
 
 def _info_line(out, requested, adapter, history, run) -> str:

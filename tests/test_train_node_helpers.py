@@ -147,3 +147,17 @@ def test_run_unwraps_comfyui_lists(train_mod):
                     "latents": [{"samples": 1}, {"samples": 2}], "positive": None, "unique_id": "7"}
     with pytest.raises(ValueError, match="'steps' got a list of 2"):
         node.run(steps=[5, 6])
+
+
+def test_training_controls_reach_sd_scripts_under_its_names(train_mod):
+    from lora2_train.config import LoRA2Config
+
+    assert train_mod._sd_scripts_options(LoRA2Config()) == {
+        "gradient_accumulation_steps": 1, "max_grad_norm": 1.0, "lr_scheduler": "constant", "lr_warmup_steps": None,
+        "min_snr_gamma": None, "noise_offset": None, "loss_type": "l2"}
+    opts = train_mod._sd_scripts_options(LoRA2Config(gradient_accumulation_steps=4, max_grad_norm=0.0,
+                                                     lr_scheduler="cosine", lr_warmup_steps=10, min_snr_gamma=5.0,
+                                                     noise_offset=0.05, loss_type="huber", huber_c=0.2))
+    assert opts == {"gradient_accumulation_steps": 4, "max_grad_norm": 0.0, "lr_scheduler": "cosine",
+                    "lr_warmup_steps": 10, "min_snr_gamma": 5.0, "noise_offset": 0.05, "loss_type": "huber",
+                    "huber_c": 0.2, "huber_schedule": "constant"}
