@@ -161,3 +161,35 @@ def test_training_controls_reach_sd_scripts_under_its_names(train_mod):
     assert opts == {"gradient_accumulation_steps": 4, "max_grad_norm": 0.0, "lr_scheduler": "cosine",
                     "lr_warmup_steps": 10, "min_snr_gamma": 5.0, "noise_offset": 0.05, "loss_type": "huber",
                     "huber_c": 0.2, "huber_schedule": "constant"}
+
+
+def test_image_lists_of_comfyui_dataset_nodes_become_bucketed_examples(train_mod):
+    """LoadImageTextDataSetFromFolder gives a list of (1, H, W, 3) images of any size and a list of texts."""
+    from lora2_train.dataset import DatasetError, bucket_sizes
+
+    node = train_mod.TrainLoRA2()
+    images = [torch.rand(1, 40, 100, 3), torch.rand(1, 30, 30, 3)]
+    buckets = bucket_sizes(128, 64, 256)
+    ex = node._examples("", images, ["wide one", "square one"], "sks", 128, buckets)
+    assert [(e.caption, e.target_size, e.original_size, e.source) for e in ex] == [
+        ("wide one", (64, 192), (40, 100), "images[0]"), ("square one", (128, 128), (30, 30), "images[1]")]
+    assert {e.caption for e in node._examples("", images, ["same"], "sks", 128, buckets)} == {"same"}
+    with pytest.raises(DatasetError, match="3 captions for 2 images"):
+        node._examples("", images, ["a", "b", "c"], "sks", 128, buckets)
+
+
+def test_other_models_are_unloaded_through_model_management(train_mod, monkeypatch):
+    import types
+
+    calls = []
+    mm = types.SimpleNamespace(unload_all_models=lambda: calls.append("unload"),
+                               soft_empty_cache=lambda: calls.append("empty"))
+    comfy = types.ModuleType("comfy")
+    comfy.model_management = mm
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    train_mod._free_memory()
+    assert calls == ["unload", "empty"]
+    del mm.soft_empty_cache  # an older ComfyUI without it: the rest still runs
+    train_mod._free_memory()
+    assert calls == ["unload", "empty", "unload"]
