@@ -97,6 +97,8 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "m
 
     ``mse``: d²; ``huber``: the pseudo-Huber error 2c(√(d² + c²) − c) (≈ d² for |d| ≪ c, ≈ 2c|d| for |d| ≫ c),
     d = pred − target.  Without weights, ``mse`` equals :func:`mse_loss`."""
+    if loss_type == "mse" and weights is None:  # the plain loss, computed exactly as before the options existed
+        return F.mse_loss(pred.float(), target.float())
     d = pred.float() - target.float()
     if loss_type == "huber":
         err = 2 * huber_c * ((d.square() + huber_c ** 2).sqrt() - huber_c)
