@@ -5,6 +5,11 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from .lr_schedule import LR_SCHEDULERS
+
+LOSS_TYPES = ("mse", "huber")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
 #: target groups understood by :mod:`lora2_train.network`
 TARGET_GROUPS = ("attn1", "attn2", "ff", "proj", "resnet", "te_attn", "te_mlp")
 
@@ -39,6 +44,15 @@ class LoRA2Config:
     softplus(ρ)).  ``max_params``: a cap on the LoRA parameters Σ D·(in+out) that
     re-allocation respects, positions allotted by importance across components
     (0: none).
+
+    Training controls (sd-scripts' names; ``steps`` counts optimizer steps):
+    ``gradient_accumulation_steps`` micro-batches of ``batch_size`` per optimizer
+    step; ``max_grad_norm`` clips the gradient norm of all trained parameters
+    (0 = off); ``lr_scheduler`` constant | constant_with_warmup | cosine with
+    ``lr_warmup_steps``; ``min_snr_gamma`` min-SNR-γ loss weighting (0 = off);
+    ``noise_offset``; ``loss_type`` mse | huber (pseudo-Huber with ``huber_c``);
+    ``prediction_type`` epsilon | v_prediction and ``zero_terminal_snr`` of the
+    model's noise schedule; ``save_every_n_steps`` adapter snapshots (0 = off).
     """
 
     q: float = 0.9
@@ -65,6 +79,17 @@ class LoRA2Config:
     mixed_precision: str = "no"
     checkpoint_every: int = 100
     max_params: int = 0
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    min_snr_gamma: float = 0.0
+    noise_offset: float = 0.0
+    loss_type: str = "mse"
+    huber_c: float = 0.1
+    prediction_type: str = "epsilon"
+    zero_terminal_snr: bool = False
+    save_every_n_steps: int = 0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -78,27 +103,33 @@ class LoRA2Config:
         def bad(name, why):
             raise ConfigError(f"LoRA2Config.{name} {why}, got {getattr(self, name)!r}")
 
-        for name in ("q", "lambda_r", "lambda_e", "beta", "lr", "nu_lr", "weight_decay", "scale"):
+        for name in ("q", "lambda_r", "lambda_e", "beta", "lr", "nu_lr", "weight_decay", "scale", "max_grad_norm",
+                     "min_snr_gamma", "noise_offset", "huber_c"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 bad(name, "must be a finite number")
         if not 0.0 < self.q < 1.0:
             bad("q", "must lie in (0, 1)")
         for name in ("r_init", "r_target", "r_max", "r_min", "rank_block", "resize_every", "steps",
-                     "batch_size", "entropy_queries", "checkpoint_every"):
+                     "batch_size", "entropy_queries", "checkpoint_every", "gradient_accumulation_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(name, "must be a positive integer")
+        for name in ("lr_warmup_steps", "save_every_n_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                bad(name, "must be an integer >= 0")
         if self.r_min > self.r_max:
             bad("r_min", f"must not exceed r_max={self.r_max}")
         if not self.r_min <= self.r_init <= self.r_max:
             bad("r_init", f"must lie in [r_min={self.r_min}, r_max={self.r_max}]")
         if not self.r_min <= self.r_target <= self.r_max:
             bad("r_target", f"must lie in [r_min={self.r_min}, r_max={self.r_max}]")
-        for name in ("lambda_r", "lambda_e", "beta", "weight_decay"):
+        for name in ("lambda_r", "lambda_e", "beta", "weight_decay", "max_grad_norm", "min_snr_gamma",
+                     "noise_offset"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
-        for name in ("lr", "nu_lr", "scale"):
+        for name in ("lr", "nu_lr", "scale", "huber_c"):
             if getattr(self, name) <= 0:
                 bad(name, "must be > 0")
         from .optim import OPTIMIZERS
@@ -109,6 +140,14 @@ class LoRA2Config:
             bad("max_params", "must be an integer >= 0 (0: no budget)")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             bad("mixed_precision", "must be 'no', 'bf16' or 'fp16'")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            bad("lr_scheduler", f"must be one of {LR_SCHEDULERS}")
+        if self.loss_type not in LOSS_TYPES:
+            bad("loss_type", f"must be one of {LOSS_TYPES}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            bad("prediction_type", f"must be one of {PREDICTION_TYPES}")
+        if not isinstance(self.zero_terminal_snr, bool):
+            bad("zero_terminal_snr", "must be true or false")
         unknown = [t for t in self.targets if t not in TARGET_GROUPS]
         if unknown or not self.targets:
             bad("targets", f"must be a non-empty subset of {TARGET_GROUPS}")

@@ -1,8 +1,11 @@
 """Training images and captions for the embedded trainer (torch + Pillow only).
 
 Two sources give the same thing, a list of :class:`Example` (RGB image
-resized so its shorter side equals the resolution, then center-cropped to a
-square, values in [0, 1], plus its caption):
+resized so it covers its target size, then center-cropped to it, values in
+[0, 1], plus its caption and the SDXL size conditioning: original size, crop
+offset, target size).  The target is the resolution's square, or with
+``buckets`` (see :func:`bucket_sizes`) the bucket whose aspect ratio is nearest
+the image's:
 
 * a folder: every ``*.png|jpg|jpeg|webp|bmp`` file directly inside it, in name
   order; the caption of ``cat.png`` is the text of ``cat.txt`` beside it when
@@ -33,9 +36,50 @@ class DatasetError(ValueError):
 
 @dataclass
 class Example:
-    image: torch.Tensor  # (3, S, S) float32 in [0, 1]
+    image: torch.Tensor  # (3, H, W) float32 in [0, 1]
     caption: str
     source: str  # file path, or "batch[i]"
+    original_size: tuple[int, int] = (0, 0)  # (height, width) of the image as read
+    crop_top_left: tuple[int, int] = (0, 0)  # (top, left) cropped off the resized image, in its pixels
+    target_size: tuple[int, int] = (0, 0)  # (height, width) trained on: the image's size
+
+    def __post_init__(self):
+        if self.target_size == (0, 0):
+            self.target_size = tuple(self.image.shape[-2:])
+        if self.original_size == (0, 0):
+            self.original_size = tuple(self.image.shape[-2:])
+
+
+# ---- aspect-ratio buckets ---------------------------------------------------------------------------
+def bucket_sizes(resolution: int, min_side: int = 256, max_side: int = 2048, step: int = 64) -> list[tuple[int, int]]:
+    """(height, width) buckets around `resolution`: both sides multiples of `step` within
+    [min_side, max_side], for every width the largest height keeping the area ≤ resolution² (widths whose
+    height would exceed max_side are left out, so every bucket's area stays close to resolution²), and the
+    transposed pairs.  `min_side` is lowered to the largest multiple of `step` ≤ resolution, `max_side`
+    raised to it, so the set is never empty.  Sorted by aspect ratio (height / width)."""
+    for name, v in (("resolution", resolution), ("min_side", min_side), ("max_side", max_side), ("step", step)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise DatasetError(f"buckets: {name} must be a positive integer, got {v!r}")
+    if resolution < step:
+        raise DatasetError(f"buckets: resolution {resolution} is below the bucket step {step}")
+    square = resolution // step * step
+    lo = min(max(step, min_side // step * step), square)
+    hi = max(max_side // step * step, square)
+    area = resolution * resolution
+    out = set()
+    for w in range(lo, hi + 1, step):
+        h = area // w // step * step
+        if lo <= h <= hi:
+            out.update({(h, w), (w, h)})
+    return sorted(out, key=lambda hw: (hw[0] / hw[1], hw[0]))
+
+
+def nearest_bucket(height: int, width: int, buckets) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest the image's (|log ratio|); on a tie, the larger area."""
+    if not buckets:
+        raise DatasetError("buckets: the bucket list is empty")
+    r = math.log(height / width)
+    return min(buckets, key=lambda hw: (round(abs(math.log(hw[0] / hw[1]) - r), 12), -hw[0] * hw[1]))
 
 
 def _size(resolution) -> tuple[int, int]:
@@ -51,8 +95,9 @@ def _size(resolution) -> tuple[int, int]:
     return h, w
 
 
-def resize_center_crop(image: torch.Tensor, resolution) -> torch.Tensor:
-    """Scale (C, H, W) so that it covers the target (antialiased bilinear), then crop the center."""
+def fit_crop(image: torch.Tensor, resolution) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Scale (C, H, W) so that it covers the target (antialiased bilinear), then crop the center; returns
+    the crop and its (top, left) offset in the scaled image."""
     th, tw = _size(resolution)
     _, h, w = image.shape
     s = max(th / h, tw / w)
@@ -61,7 +106,25 @@ def resize_center_crop(image: torch.Tensor, resolution) -> torch.Tensor:
         image = F.interpolate(image[None].float(), size=(nh, nw), mode="bilinear", align_corners=False,
                               antialias=True)[0]
     top, left = (nh - th) // 2, (nw - tw) // 2
-    return image[:, top:top + th, left:left + tw].clamp(0.0, 1.0).contiguous()
+    return image[:, top:top + th, left:left + tw].clamp(0.0, 1.0).contiguous(), (top, left)
+
+
+def resize_center_crop(image: torch.Tensor, resolution) -> torch.Tensor:
+    """Scale (C, H, W) so that it covers the target (antialiased bilinear), then crop the center."""
+    return fit_crop(image, resolution)[0]
+
+
+def to_example(image: torch.Tensor, caption: str, source: str, resolution=None, buckets=None) -> Example:
+    """An Example of `image` (3, H, W) fitted to the nearest of `buckets`, else to `resolution` (None: as is)."""
+    h, w = image.shape[-2:]
+    if buckets:
+        target = nearest_bucket(h, w, buckets)
+    elif resolution is not None:
+        target = _size(resolution)
+    else:
+        return Example(image.clamp(0.0, 1.0).contiguous(), caption, source, (h, w), (0, 0), (h, w))
+    crop, offset = fit_crop(image, target)
+    return Example(crop, caption, source, (h, w), offset, tuple(target))
 
 
 def read_image(path: str | os.PathLike) -> torch.Tensor:
@@ -92,7 +155,7 @@ def _caption_for(path: Path, instance_prompt: str) -> str:
     return instance_prompt
 
 
-def load_folder(folder: str | os.PathLike, resolution, instance_prompt: str = "") -> list[Example]:
+def load_folder(folder: str | os.PathLike, resolution, instance_prompt: str = "", buckets=None) -> list[Example]:
     """Every image directly inside `folder` with its caption (see the module docstring)."""
     if folder is None or not str(folder).strip():
         raise DatasetError("dataset folder is empty: give the path of a folder of images")
@@ -106,11 +169,12 @@ def load_folder(folder: str | os.PathLike, resolution, instance_prompt: str = ""
     if not files:
         raise DatasetError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the dataset folder")
     _size(resolution)
-    return [Example(resize_center_crop(read_image(p), resolution), _caption_for(p, instance_prompt), str(p))
+    return [to_example(read_image(p), _caption_for(p, instance_prompt), str(p), resolution, buckets)
             for p in files]
 
 
-def from_images(images: torch.Tensor, captions: str = "", resolution=None, instance_prompt: str = "") -> list[Example]:
+def from_images(images: torch.Tensor, captions: str = "", resolution=None, instance_prompt: str = "",
+                buckets=None) -> list[Example]:
     """Examples from an image batch (B, H, W, C) (ComfyUI IMAGE) or (B, C, H, W), values in [0, 1]."""
     if not isinstance(images, torch.Tensor) or images.dim() not in (3, 4):
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -137,16 +201,11 @@ def from_images(images: torch.Tensor, captions: str = "", resolution=None, insta
     else:
         whole = " ".join((captions or "").split())
         caps = [whole or instance_prompt] * b
-    out = []
-    for i in range(b):
-        img = images[i].clamp(0.0, 1.0)
-        if resolution is not None:
-            img = resize_center_crop(img, resolution)
-        out.append(Example(img.contiguous(), caps[i], f"batch[{i}]"))
-    return out
+    return [to_example(images[i].clamp(0.0, 1.0), caps[i], f"batch[{i}]", resolution, buckets) for i in range(b)]
 
 
 def stack(examples: list[Example], channels_last: bool = True) -> torch.Tensor:
-    """The images as one batch: (N, S, S, 3) when `channels_last` (ComfyUI IMAGE), else (N, 3, S, S)."""
+    """The images (all of one size) as one batch: (N, H, W, 3) when `channels_last` (ComfyUI IMAGE), else
+    (N, 3, H, W)."""
     x = torch.stack([e.image for e in examples])
     return x.permute(0, 2, 3, 1).contiguous() if channels_last else x

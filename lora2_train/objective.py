@@ -1,8 +1,9 @@
 """The LoRA² objective (spec §3):  L_total = L_MSE + λ_r·L_reg + λ_e·L_entropy.
 
-L_MSE is the ε-prediction diffusion loss under a DDPM schedule; L_reg lives on
-the network (:meth:`LoRA2Network.reg_loss`); the cross-attention entropy is
-collected here from the q/k projections of every cross-attention (attn2).
+L_MSE is the diffusion loss under a DDPM schedule (ε- or v-prediction, optionally
+min-SNR weighted, squared or pseudo-Huber error); L_reg lives on the network
+(:meth:`LoRA2Network.reg_loss`); the cross-attention entropy is collected here
+from the q/k projections of every cross-attention (attn2).
 """
 from __future__ import annotations
 
@@ -13,16 +14,47 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+from .config import LOSS_TYPES
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """ᾱ rescaled so the last timestep has SNR 0 (Lin et al. 2023, "Common diffusion noise schedules and
+    sample steps are flawed"): √ᾱ is shifted so its last value is 0 and scaled so its first is unchanged,
+
+        √ᾱ'_t = (√ᾱ_t − √ᾱ_{T−1}) · √ᾱ_0 / (√ᾱ_0 − √ᾱ_{T−1}).
+    """
+    a = alphas_cumprod.double().sqrt()
+    first, last = a[0].clone(), a[-1].clone()
+    a = (a - last) * first / (first - last)
+    return (a ** 2).to(alphas_cumprod.dtype)
+
+
 class DDPMSchedule:
     """DDPM noise schedule (SDXL: 'scaled_linear' β from 0.00085 to 0.012, T = 1000).
 
         x_t = √ᾱ_t · x_0 + √(1 − ᾱ_t) · ε,   ᾱ_t = Π_{s≤t} (1 − β_s)
+
+    ``zero_terminal_snr`` rescales ᾱ so that ᾱ_{T−1} = 0 (see :func:`rescale_zero_terminal_snr`).
     """
 
-    def __init__(self, num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
+    def __init__(self, num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+                 zero_terminal_snr: bool = False):
         betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_timesteps, dtype=torch.float64) ** 2
         self.num_timesteps = num_timesteps
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, 0).float()
+        alphas_cumprod = torch.cumprod(1.0 - betas, 0)
+        if zero_terminal_snr:
+            alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod)
+        self.alphas_cumprod = alphas_cumprod.float()
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """SNR_t = ᾱ_t / (1 − ᾱ_t) (float32; ∞ never occurs since ᾱ_t < 1)."""
+        a = self.alphas_cumprod.to(t.device)[t].float()
+        return a / (1 - a)
+
+    def v_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """v = √ᾱ_t · ε − √(1 − ᾱ_t) · x_0 (the v-prediction target)."""
+        a = self.alphas_cumprod.to(x0.device)[t].view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
 
     def sample_timesteps(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         return torch.randint(0, self.num_timesteps, (n,), generator=generator).to(device)
@@ -31,16 +63,53 @@ class DDPMSchedule:
         a = self.alphas_cumprod.to(x0.device)[t].view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
-    def noisy(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Draw ε ~ N(0, I) and t ~ U{0…T−1} from `generator`; return (x_t, t, ε)."""
+    def noisy(self, x0: torch.Tensor, generator: torch.Generator,
+              noise_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draw ε ~ N(0, I) and t ~ U{0…T−1} from `generator`; return (x_t, t, ε).
+
+        ``noise_offset`` > 0 adds offset · N(0, 1) per sample and channel to ε (constant over the image;
+        drawn after t, so a zero offset leaves the random stream as it was)."""
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         t = self.sample_timesteps(x0.shape[0], generator, x0.device)
+        if noise_offset:
+            shift = torch.randn((*x0.shape[:2], *([1] * (x0.dim() - 2))), generator=generator)
+            noise = noise + noise_offset * shift.to(x0.device, x0.dtype)
         return self.add_noise(x0, noise, t), t, noise
 
 
 def mse_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """L_MSE = mean ‖ε_θ(x_t, t, c) − ε‖² (in float32)."""
     return F.mse_loss(pred.float(), target.float())
+
+
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str = "epsilon") -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR + 1)
+    for v-prediction.  ε-prediction at SNR 0 (zero terminal SNR) gets weight 1, the limit of min(1, γ/SNR)."""
+    snr = snr.float()
+    if prediction_type == "v_prediction":
+        return torch.minimum(snr, torch.full_like(snr, gamma)) / (snr + 1)
+    return torch.clamp(gamma / snr, max=1.0)
+
+
+def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "mse", huber_c: float = 0.1,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the batch of (weight ·) the per-sample mean error, in float32.
+
+    ``mse``: d²; ``huber``: the pseudo-Huber error 2c(√(d² + c²) − c) (≈ d² for |d| ≪ c, ≈ 2c|d| for |d| ≫ c),
+    d = pred − target.  Without weights, ``mse`` equals :func:`mse_loss`."""
+    if loss_type == "mse" and weights is None:  # the plain loss, computed exactly as before the options existed
+        return F.mse_loss(pred.float(), target.float())
+    d = pred.float() - target.float()
+    if loss_type == "huber":
+        err = 2 * huber_c * ((d.square() + huber_c ** 2).sqrt() - huber_c)
+    elif loss_type == "mse":
+        err = d.square()
+    else:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    per_sample = err.reshape(err.shape[0], -1).mean(1)
+    if weights is not None:
+        per_sample = per_sample * weights.to(per_sample.device, per_sample.dtype)
+    return per_sample.mean()
 
 
 def attention_entropy(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
@@ -104,11 +173,13 @@ class CrossAttentionEntropy:
                 self.values.append(attention_entropy(q, out, heads))
         return hook
 
-    def reset(self) -> None:
-        """Start a new step: forget the collected values and draw new query subsets."""
+    def reset(self, keep_subsets: bool = False) -> None:
+        """Start a new step: forget the collected values and draw new query subsets (``keep_subsets``: the
+        next micro-batch of the same optimizer step uses the same queries)."""
         self.values.clear()
         self._pending.clear()
-        self._subsets.clear()
+        if not keep_subsets:
+            self._subsets.clear()
 
     def loss(self) -> torch.Tensor:
         """Mean entropy over the cross-attention calls since the last :meth:`reset`."""

@@ -7,9 +7,17 @@ conditioning) and a noise schedule, and minimizes
     L_total = L_MSE + λ_r · (mean|ν − ν_target| + β · mean(‖A‖²+‖B‖²)/numel) + λ_e · L_entropy
 
 with the configured optimizer (:mod:`lora2_train.optim`), re-allocating every component at D(ν) every
-``resize_every`` steps (never after the last step: the adapter a run ends with
-is the one that gave its last loss).  Checkpoints hold ν, weights, optimizer,
-step and RNG.
+``resize_every`` optimizer steps (never after the last step: the adapter a run
+ends with is the one that gave its last loss).  Checkpoints hold ν, weights,
+optimizer, step and RNG.
+
+One optimizer step draws ``batch_size · gradient_accumulation_steps`` examples
+(with their noise and timesteps) at once and runs them as
+``gradient_accumulation_steps`` micro-batches whose losses are averaged, so
+accumulation gives the step one batch of that size would.  The error is taken
+against ε or v (``prediction_type``), optionally min-SNR weighted and
+pseudo-Huber; the gradient norm is clipped at ``max_grad_norm`` and the
+learning rates follow ``lr_scheduler`` (see :mod:`lora2_train.lr_schedule`).
 """
 from __future__ import annotations
 
@@ -24,8 +32,9 @@ import torch
 from .config import LoRA2Config
 from .format import atomic_write_bytes
 from .network import LoRA2Network
+from .lr_schedule import lr_multiplier
+from .objective import CrossAttentionEntropy, DDPMSchedule, diffusion_loss, min_snr_weights
 from .optim import build_optimizer
-from .objective import CrossAttentionEntropy, DDPMSchedule, mse_loss
 
 CHECKPOINT_FORMAT = "lora2-checkpoint"
 
@@ -48,6 +57,8 @@ class ProgressEvent:
     num_params: int
     resized: dict[str, tuple[int, int]]
     elapsed: float
+    lr: float = float("nan")  # learning rate of the LoRA weights at this step
+    grad_norm: float = float("nan")  # gradient norm before clipping (nan when clipping is off)
 
 
 @dataclass
@@ -63,15 +74,29 @@ class TrainResult:
 
 
 class SampledDataset:
-    """Samples batches from a finite list of examples ``{"latents": (C,H,W), "cond": {name: tensor}}``."""
+    """Samples batches from a finite list of examples ``{"latents": (C,H,W), "cond": {name: tensor}}``.
+
+    Examples of different latent sizes (aspect-ratio buckets) are grouped by size and every batch comes
+    from one group: a first uniform draw over all examples picks the group (so a group is chosen in
+    proportion to its size), then the batch is drawn uniformly within it.  With one size this is a plain
+    uniform draw over the examples."""
 
     def __init__(self, examples: Sequence[dict]):
         if len(examples) == 0:
             raise ValueError("dataset is empty: no (latents, conditioning) examples to train on")
         self.examples = list(examples)
+        groups: dict[tuple, list[int]] = {}
+        for i, ex in enumerate(self.examples):
+            groups.setdefault(tuple(ex["latents"].shape), []).append(i)
+        self.groups = list(groups.values())
+        self._group_of = {i: g for g in self.groups for i in g}
 
     def sample(self, batch_size: int, generator: torch.Generator) -> dict:
-        idx = torch.randint(0, len(self.examples), (batch_size,), generator=generator).tolist()
+        if len(self.groups) == 1:
+            idx = torch.randint(0, len(self.examples), (batch_size,), generator=generator).tolist()
+        else:
+            group = self._group_of[int(torch.randint(0, len(self.examples), (1,), generator=generator))]
+            idx = [group[i] for i in torch.randint(0, len(group), (batch_size,), generator=generator).tolist()]
         items = [self.examples[i] for i in idx]
         cond = {k: torch.stack([it["cond"][k] for it in items]) for k in items[0]["cond"]}
         return {"latents": torch.stack([it["latents"] for it in items]), "cond": cond}
@@ -84,10 +109,12 @@ class Trainer:
                  schedule: DDPMSchedule | None = None, teacher: Callable | None = None,
                  out_dir: str | Path | None = None, callback: Callable[[ProgressEvent], None] | None = None,
                  should_stop: Callable[[], bool] | None = None, device: str | torch.device = "cpu",
-                 entropy_root: torch.nn.Module | None = None):
+                 entropy_root: torch.nn.Module | None = None, on_save: Callable[[int], None] | None = None):
         self.model, self.network, self.config = model, network, config.validate()
         self.dataset = dataset if hasattr(dataset, "sample") else SampledDataset(dataset)
-        self.schedule = schedule or DDPMSchedule()
+        self.schedule = schedule or DDPMSchedule(zero_terminal_snr=config.zero_terminal_snr)
+        # called with the step every ``save_every_n_steps`` optimizer steps (before any re-allocation)
+        self.on_save = on_save
         self.teacher = teacher
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.callback, self.should_stop = callback, should_stop
@@ -118,7 +145,17 @@ class Trainer:
         c = self.config
         groups = self.network.param_groups()
         groups[0]["weight_decay"] = c.weight_decay
-        return build_optimizer(c.optimizer, groups, c.lr, **dict(c.extra.get("optimizer_args", {})))
+        opt = build_optimizer(c.optimizer, groups, c.lr, **dict(c.extra.get("optimizer_args", {})))
+        self._base_lrs = [g["lr"] for g in opt.param_groups]  # lr_scheduler multiplies these
+        return opt
+
+    def _set_lr(self) -> float:
+        """Learning rates of the optimizer step about to be taken (index self.step)."""
+        c = self.config
+        m = lr_multiplier(c.lr_scheduler, self.step, c.lr_warmup_steps, c.steps)
+        for group, base in zip(self.optimizer.param_groups, self._base_lrs):
+            group["lr"] = base * m
+        return self.optimizer.param_groups[0]["lr"]
 
     # ---- checkpoints -------------------------------------------------------------------------
     @property
@@ -174,32 +211,70 @@ class Trainer:
         self.history = json.loads(state["history"])
 
     # ---- one step ----------------------------------------------------------------------------
-    def _batch(self):
-        b = self.dataset.sample(self.config.batch_size, self.generator)
-        x0 = b["latents"].to(self.device)
-        cond = {k: v.to(self.device) for k, v in b["cond"].items()}
-        x_t, t, noise = self.schedule.noisy(x0, self.generator)
-        return x_t, t, cond, noise
-
-    def _losses(self):
+    def _draw(self):
+        """The examples, noise and timesteps of one optimizer step: batch_size · gradient_accumulation_steps."""
         c = self.config
-        x_t, t, cond, noise = self._batch()
+        b = self.dataset.sample(c.batch_size * c.gradient_accumulation_steps, self.generator)
+        x0 = b["latents"]
+        x_t, t, noise = self.schedule.noisy(x0, self.generator, noise_offset=c.noise_offset)
+        return x0, x_t, t, noise, b["cond"]
+
+    def _losses(self, x0, x_t, t, noise, cond):
+        """(total, diffusion loss, L_reg, L_entropy) of one micro-batch (tensors still on the CPU)."""
+        c = self.config
+        dev = self.device
+        x0, x_t, t, noise = x0.to(dev), x_t.to(dev), t.to(dev), noise.to(dev)
+        cond = {k: v.to(dev) for k, v in cond.items()}
         if self.teacher is not None:
             with torch.no_grad():
                 target = self.teacher(x_t, t, **cond)
+        elif c.prediction_type == "v_prediction":
+            target = self.schedule.v_target(x0, noise, t)
         else:
             target = noise
-        if self.entropy is not None:
-            self.entropy.reset()
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.mixed_precision)
         with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             pred = self.model(x_t, t, **cond)
-        mse = mse_loss(pred, target)
+        weights = None
+        if c.min_snr_gamma > 0:
+            weights = min_snr_weights(self.schedule.snr(t), c.min_snr_gamma, c.prediction_type)
+        mse = diffusion_loss(pred, target, c.loss_type, c.huber_c, weights)
         rank_term, weight_term = self.network.reg_loss()
         reg = rank_term + c.beta * weight_term
         ent = self.entropy.loss() if self.entropy is not None else torch.zeros(())
         total = mse + c.lambda_r * reg + c.lambda_e * ent.to(mse.device)
         return total, mse, reg, ent
+
+    def _optimizer_step(self):
+        """Forward/backward over the micro-batches, clip, step.  Returns the mean (total, mse, reg, entropy)
+        over the micro-batches and the gradient norm before clipping."""
+        c = self.config
+        k = c.gradient_accumulation_steps
+        x0, x_t, t, noise, cond = self._draw()
+        n = c.batch_size
+        sums = torch.zeros(4, dtype=torch.float64)
+        self.optimizer.zero_grad(set_to_none=True)
+        for i in range(k):
+            part = slice(i * n, (i + 1) * n)
+            if self.entropy is not None:
+                self.entropy.reset(keep_subsets=i > 0)  # one query subset per layer and optimizer step
+            total, mse, reg, ent = self._losses(x0[part], x_t[part], t[part], noise[part],
+                                                {name: v[part] for name, v in cond.items()})
+            if not torch.isfinite(total):
+                where = f"; last good checkpoint: {self.checkpoint_path}" if self._has_checkpoint() else ""
+                raise TrainingDiverged(
+                    f"loss became {total.item()} at step {self.step + 1} (mse={mse.item():.4g}, "
+                    f"reg={reg.item():.4g}, entropy={ent.item():.4g}); training stopped{where}")
+            self.scaler.scale(total / k if k > 1 else total).backward()
+            sums += torch.tensor([total.item(), mse.item(), reg.item(), ent.item()], dtype=torch.float64)
+        grad_norm = float("nan")
+        if c.max_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return [float(v) / k for v in sums], grad_norm
 
     def train(self, resume_from: str | Path | None = None) -> TrainResult:
         c = self.config
@@ -215,26 +290,21 @@ class Trainer:
                 if self.should_stop is not None and self.should_stop():
                     stopped = True
                     break
-                total, mse, reg, ent = self._losses()
-                if not torch.isfinite(total):
-                    where = f"; last good checkpoint: {self.checkpoint_path}" if self._has_checkpoint() else ""
-                    raise TrainingDiverged(
-                        f"loss became {total.item()} at step {self.step + 1} (mse={mse.item():.4g}, "
-                        f"reg={reg.item():.4g}, entropy={ent.item():.4g}); training stopped{where}")
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(total).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+                lr = self._set_lr()
+                (total, mse, reg, ent), grad_norm = self._optimizer_step()
                 self.step += 1
+                if c.save_every_n_steps and self.on_save is not None and self.step % c.save_every_n_steps == 0 \
+                        and self.step < c.steps:  # the last step's adapter is the run's own file
+                    self.on_save(self.step)
                 resized = {}
                 # no re-allocation after the last step: the saved adapter is the one that gave the last loss
                 if self.step % c.resize_every == 0 and self.step < c.steps:
                     resized = self.network.resize(self.optimizer)
                 if self.step % c.resize_every == 0 or self.step == c.steps:
                     self.history.append({"step": self.step, "ranks": self.network.ranks()})
-                last = ProgressEvent(self.step, c.steps, total.item(), mse.item(), reg.item(), ent.item(),
-                                     self.network.ranks(), self.network.num_parameters(), resized,
-                                     time.perf_counter() - start_time)
+                last = ProgressEvent(self.step, c.steps, total, mse, reg, ent, self.network.ranks(),
+                                     self.network.num_parameters(), resized, time.perf_counter() - start_time,
+                                     lr=lr, grad_norm=grad_norm)
                 if self.callback is not None:
                     self.callback(last)
                 if self.out_dir is not None and self.step % c.checkpoint_every == 0:

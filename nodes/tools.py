@@ -30,24 +30,38 @@ def default_name(lora_name: str, suffix: str) -> str:
     return f"{stem}_{suffix}"
 
 
-def save_new(adapter, root: str, name: str, dtype: str) -> str:
-    """Save under `name` (or name_2, name_3 … when taken) inside `root`; returns the name relative to `root`."""
-    from lora2_train.format import output_path, save_adapter
+def numbered_paths(root: str, name: str):
+    """``root/name.safetensors``, then ``name_2``, ``name_3`` … (each checked to stay inside `root`)."""
+    from lora2_train.format import output_path
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     stem = name.strip()
     if stem.lower().endswith(".safetensors"):
         stem = stem[: -len(".safetensors")]
-    root = os.path.realpath(root)
     for i in range(1, 10000):
-        path = output_path(root, stem if i == 1 else f"{stem}_{i}")
+        yield output_path(root, stem if i == 1 else f"{stem}_{i}")
+    raise FileExistsError(f"{root}: no free name left for {name!r}")
+
+
+def free_path(root: str, name: str):
+    """The first of :func:`numbered_paths` that names no file yet."""
+    for path in numbered_paths(root, name):
+        if not path.exists():
+            return path
+
+
+def save_new(adapter, root: str, name: str, dtype: str) -> str:
+    """Save under `name` (or name_2, name_3 … when taken) inside `root`; returns the name relative to `root`."""
+    from lora2_train.format import save_adapter
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    root = os.path.realpath(root)
+    for path in numbered_paths(root, name):
         try:
             save_adapter(adapter, path, dtype=dtype, overwrite=False)
         except FileExistsError:
             continue
         return os.path.relpath(path, root).replace(os.sep, "/")
-    raise FileExistsError(f"{root}: no free name left for {name!r}")
 
 
 def _result(saved: str, info: dict):

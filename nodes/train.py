@@ -1,11 +1,14 @@
 """Train LoRA² (SDXL): learn an adaptive-rank LoRA on a folder of images, inside ComfyUI or via sd-scripts.
 
-Embedded backend: images → VAE latents (scaled by the model's latent format),
-captions → CLIP (cond + pooled, SDXL ADM vector from the model's own
-``encode_adm``), then ``lora2_train.trainer.Trainer`` runs L_MSE + λ_r·L_reg +
-λ_e·L_entropy (spec §3) on ``model.model.diffusion_model`` with ε-prediction
-under the model's own discrete noise schedule.  The base weights are never
-written; the result is applied through ModelPatcher patches.
+Embedded backend: images (fitted to aspect-ratio buckets) → VAE latents (scaled
+by the model's latent format), encoded once per run; captions → CLIP (cond +
+pooled, SDXL ADM vector with the real original size and crop offset from the
+model's own ``encode_adm``) — or latents and conditioning made by ComfyUI's own
+dataset nodes — then ``lora2_train.trainer.Trainer`` runs L_MSE + λ_r·L_reg +
+λ_e·L_entropy (spec §3) on ``model.model.diffusion_model`` with the prediction
+type (ε or v) and discrete noise schedule of the model's ``model_sampling``.
+The base weights are never written; the result is applied through ModelPatcher
+patches.  Other models are unloaded through ComfyUI's model management first.
 """
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ import contextlib
 import logging
 import os
 import tempfile
-import time
 
 from . import _pack  # noqa: F401  (puts lora2_train on sys.path inside ComfyUI)
 from . import _comfy
@@ -49,17 +51,26 @@ def _presets() -> list[str]:
     return list(TARGET_PRESETS)
 
 
+#: inputs that stay lists (ComfyUI passes every input as a list to an INPUT_IS_LIST node)
+LIST_INPUTS = ("images", "captions", "latents", "positive")
+
+
 class TrainLoRA2:
     CATEGORY = "LoRA²"
-    RETURN_TYPES = ("MODEL", "CLIP", "LORA2", "LORA2_HISTORY")
-    RETURN_NAMES = ("model", "clip", "lora2", "rank_history")
-    FUNCTION = "train"
+    RETURN_TYPES = ("MODEL", "CLIP", "LORA2", "LORA2_HISTORY", "STRING")
+    RETURN_NAMES = ("model", "clip", "lora2", "rank_history", "info")
+    FUNCTION = "run"
     OUTPUT_NODE = True
+    # image / text / latent lists of ComfyUI's dataset nodes arrive whole, in one call
+    INPUT_IS_LIST = True
     DESCRIPTION = ("Train an SDXL LoRA whose rank is learned per layer (LoRA²), save it into the loras folder "
                    "and return the model with it applied.")
 
     @classmethod
     def INPUT_TYPES(cls):
+        from lora2_train.config import LOSS_TYPES
+        from lora2_train.lr_schedule import LR_SCHEDULERS
+
         return {
             "required": {
                 "model": ("MODEL",),
@@ -110,21 +121,67 @@ class TrainLoRA2:
                 "max_params_millions": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10000.0, "step": 0.1,
                                         "round": False, "tooltip": "cap on the LoRA parameters while training, "
                                         "positions allotted by importance; 0: none"}),
+                "gradient_accumulation_steps": ("INT", {"default": 1, "min": 1, "max": 1024, "tooltip":
+                                                        "micro-batches of batch_size per optimizer step"}),
+                "max_grad_norm": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1000.0, "step": 0.01, "tooltip":
+                                            "clip the gradient norm (0 = off)"}),
+                "lr_scheduler": (list(LR_SCHEDULERS), {"default": "constant"}),
+                "lr_warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000}),
+                "min_snr_gamma": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip":
+                                            "min-SNR-γ loss weighting (0 = off; 5 is usual)"}),
+                "noise_offset": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+                "loss_type": (list(LOSS_TYPES), {"default": "mse"}),
+                "huber_c": ("FLOAT", {"default": 0.1, "min": 0.001, "max": 10.0, "step": 0.001, "round": False,
+                                      "tooltip": "pseudo-Huber threshold (loss_type huber)"}),
+                "save_every_n_steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip":
+                                               "also save <name>_step<k>.safetensors every k steps (0 = off)"}),
+                "aspect_buckets": ("BOOLEAN", {"default": True, "tooltip": "train each image at the bucket of "
+                                               "about resolution² pixels nearest its aspect ratio (else a square crop)"}),
+                "min_bucket_reso": ("INT", {"default": 256, "min": 64, "max": 8192, "step": 64}),
+                "max_bucket_reso": ("INT", {"default": 2048, "min": 64, "max": 8192, "step": 64}),
+                "latents": ("LATENT", {"tooltip": "latents of ComfyUI's dataset nodes (MakeTrainingDataset, "
+                                       "ResolutionBucket) or a LATENT batch, instead of the images"}),
+                "positive": ("CONDITIONING", {"tooltip": "with latents: their text conditioning (one per latent "
+                                              "or one for all)"}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     # ---------------------------------------------------------------------------------------------
+    def run(self, **inputs):
+        """ComfyUI entry (INPUT_IS_LIST): every input arrives as a list; all but :data:`LIST_INPUTS` hold one
+        value."""
+        kwargs = {}
+        for k, v in inputs.items():
+            if k in LIST_INPUTS:
+                kwargs[k] = v
+            elif isinstance(v, list):
+                if len(v) != 1:
+                    raise ValueError(f"Train LoRA² (SDXL): input {k!r} got a list of {len(v)} values; it takes one")
+                kwargs[k] = v[0]
+            else:
+                kwargs[k] = v
+        if isinstance(kwargs.get("captions"), list) and len(kwargs["captions"]) == 1:
+            kwargs["captions"] = kwargs["captions"][0]
+        for k in ("images", "latents", "positive"):  # lists of one unconnected input: None
+            if isinstance(kwargs.get(k), list) and all(v is None for v in kwargs[k]):
+                kwargs[k] = None
+        return self.train(**kwargs)
+
     def train(self, model, clip, vae, dataset_path, instance_prompt, steps, learning_rate, nu_learning_rate,
               r_init, r_max, r_target, q, lambda_r, lambda_e, seed, resolution, batch_size, target_modules,
               backend, output_name, images=None, captions="", sd_scripts_path="", python_path="",
               base_checkpoint=NONE, resume_from="", gradient_checkpointing=True, optimizer="adamw",
               mixed_precision="bf16", fp8_base=False, full_bf16=False, max_params_millions=0.0, preset="none",
+              gradient_accumulation_steps=1, max_grad_norm=1.0, lr_scheduler="constant", lr_warmup_steps=0,
+              min_snr_gamma=0.0, noise_offset=0.0, loss_type="mse", huber_c=0.1, save_every_n_steps=0,
+              aspect_buckets=True, min_bucket_reso=256, max_bucket_reso=2048, latents=None, positive=None,
               unique_id=None):
         import folder_paths
 
         from lora2_train.config import LoRA2Config
-        from lora2_train.format import output_path
+
+        from .tools import free_path
 
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -139,6 +196,8 @@ class TrainLoRA2:
             gradient_checkpointing, mixed_precision = p["gradient_checkpointing"], p["mixed_precision"]
             fp8_base, full_bf16, max_params_millions = p["fp8_base"], p["full_bf16"], p["max_params"] / 1e6
             use_preset = True
+        if latents is not None and backend != "embedded":
+            raise ValueError("latents: the latents/positive inputs train with the embedded backend only")
         config = LoRA2Config(q=float(q), r_init=int(r_init), r_target=int(r_target), r_max=int(r_max),
                              lambda_r=float(lambda_r), lambda_e=float(lambda_e), lr=float(learning_rate),
                              nu_lr=float(nu_learning_rate), steps=int(steps), batch_size=int(batch_size),
@@ -147,11 +206,19 @@ class TrainLoRA2:
                              gradient_checkpointing=bool(gradient_checkpointing), optimizer=optimizer,
                              max_params=int(round(float(max_params_millions) * 1e6)),
                              # the embedded backend picks its precision from the model (see _run_trainer)
-                             mixed_precision=mixed_precision if backend == "sd-scripts" else "no")
+                             mixed_precision=mixed_precision if backend == "sd-scripts" else "no",
+                             gradient_accumulation_steps=int(gradient_accumulation_steps),
+                             max_grad_norm=float(max_grad_norm), lr_scheduler=lr_scheduler,
+                             lr_warmup_steps=int(lr_warmup_steps), min_snr_gamma=float(min_snr_gamma),
+                             noise_offset=float(noise_offset), loss_type=loss_type, huber_c=float(huber_c),
+                             save_every_n_steps=int(save_every_n_steps))
+        buckets = None
+        if aspect_buckets:
+            from lora2_train.dataset import bucket_sizes
+
+            buckets = bucket_sizes(int(resolution), int(min_bucket_reso), int(max_bucket_reso))
         lora_dir = folder_paths.get_folder_paths("loras")[0]
-        out = output_path(lora_dir, output_name)
-        if out.exists():
-            raise FileExistsError(f"{out}: already exists; choose another output_name (files are never replaced)")
+        out = free_path(lora_dir, output_name)  # a taken name gets _2, _3 …: queuing a run twice never fails
         run = _Run(unique_id, config.steps)
         if backend == "sd-scripts":
             from lora2_train.kohya.launch import cache_options, precision_options
@@ -164,77 +231,93 @@ class TrainLoRA2:
                                                       run, extra)
         else:
             adapter, history = self._train_embedded(model, clip, vae, config, out, dataset_path, images,
-                                                    captions, instance_prompt, resolution, resume_from, run)
+                                                    captions, instance_prompt, resolution, resume_from, run,
+                                                    buckets, latents, positive)
+        out = run.saved_as or out
         from .load import patch_with_adapter
 
         model_out, clip_out = patch_with_adapter(model, clip, adapter, 1.0, 1.0, out.name)
         ranks = adapter.ranks()
-        run.send(status="done", saved=out.name, ranks_by_block=_block_means(ranks))
-        return {"ui": {"lora2_saved": [out.name]},
-                "result": (model_out, clip_out, adapter, history)}
+        info = _info_line(out, output_name, adapter, history, run)
+        run.send(status="done", saved=out.name, ranks_by_block=_block_means(ranks), message=info,
+                 **run.memory())
+        return {"ui": {"lora2_saved": [out.name], "text": [info]},
+                "result": (model_out, clip_out, adapter, history, info)}
 
     # ---------------------------------------------------------------------------------------------
-    def _examples(self, dataset_path, images, captions, instance_prompt, resolution):
+    def _examples(self, dataset_path, images, captions, instance_prompt, resolution, buckets=None):
         from lora2_train import dataset as D
 
         if images is not None:
-            return D.from_images(images, captions, resolution, instance_prompt)
-        return D.load_folder(dataset_path, resolution, instance_prompt)
+            batches = images if isinstance(images, (list, tuple)) else [images]
+            caps = captions if isinstance(captions, (list, tuple)) else [captions]
+            if len(batches) == 1:
+                return D.from_images(batches[0], caps[0] if len(caps) == 1 else "\n".join(caps), resolution,
+                                     instance_prompt, buckets)
+            if len(caps) not in (1, len(batches)):
+                raise D.DatasetError(f"captions: {len(caps)} captions for {len(batches)} images; give one per "
+                                     f"image or one for all")
+            out = []
+            for i, batch in enumerate(batches):
+                for ex in D.from_images(batch, caps[i if len(caps) > 1 else 0], resolution, instance_prompt,
+                                        buckets):
+                    ex.source = f"images[{i}]"
+                    out.append(ex)
+            return out
+        return D.load_folder(dataset_path, resolution, instance_prompt, buckets)
 
     def _train_embedded(self, model, clip, vae, config, out, dataset_path, images, captions, instance_prompt,
-                        resolution, resume_from, run):
+                        resolution, resume_from, run, buckets=None, latents=None, positive=None):
         import torch
 
         import comfy.model_management as mm
 
-        examples = self._examples(dataset_path, images, captions, instance_prompt, resolution)
         base = model.model
         if not hasattr(base, "encode_adm") or base.encode_adm(pooled_output=torch.zeros(1, 1280), width=8,
                                                                height=8) is None:
             raise ValueError("Train LoRA² (SDXL): the MODEL input is not an SDXL-family model")
-        if getattr(getattr(base, "model_type", None), "name", "EPS") != "EPS":
-            raise ValueError(f"Train LoRA² (SDXL): embedded training needs an ε-prediction model, "
-                             f"this one is {base.model_type.name}")
-
-        data = self._encode(base, clip, vae, examples, resolution)  # under ComfyUI's inference mode
+        config.prediction_type, config.zero_terminal_snr, sampling = _prediction_of(model)
+        config.validate()
+        if resume_from and not os.path.isfile(resume_from):
+            raise FileNotFoundError(f"resume_from: {resume_from}: no such checkpoint file")
+        if latents is None:
+            examples = self._examples(dataset_path, images, captions, instance_prompt, resolution, buckets)
+        _free_memory()  # other models out of the way (VAE and CLIP load on their own for encoding)
+        if latents is not None:
+            data = _data_from_latents(base, latents, positive)
+        else:
+            data = self._encode(base, clip, vae, examples)  # under ComfyUI's inference mode, once per run
         with torch.inference_mode(False):  # copies usable by autograd
             data = [{"latents": d["latents"].clone(), "cond": {k: v.clone() for k, v in d["cond"].items()}}
                     for d in data]
-        if resume_from and not os.path.isfile(resume_from):
-            raise FileNotFoundError(f"resume_from: {resume_from}: no such checkpoint file")
+        _free_memory()  # the encoders' memory back before the UNet is loaded for training
 
         _load_for_training(model)
         device = getattr(model, "load_device", None) or mm.get_torch_device()
         unet = base.diffusion_model
         with torch.inference_mode(False), torch.enable_grad():
-            return self._run_trainer(base, unet, data, config, out, device, resume_from, run)
+            return self._run_trainer(base, unet, data, config, out, device, resume_from, run, sampling)
 
-    def _encode(self, base, clip, vae, examples, resolution):
+    def _encode(self, base, clip, vae, examples):
         """(latents, context, y) per example: VAE latents scaled by the latent format; CLIP cond + pooled;
-        SDXL ADM vector (pooled ‖ size embeddings) from the model's own encode_adm."""
-        import torch
-
-        from lora2_train import dataset as D
-
-        pixels = D.stack(examples)  # (N, S, S, 3), ComfyUI IMAGE layout
-        latents = []
-        for i in range(pixels.shape[0]):
-            latents.append(base.process_latent_in(vae.encode(pixels[i:i + 1])).float().cpu())
-        latents = torch.cat(latents)
-        h, w = pixels.shape[1], pixels.shape[2]
+        SDXL ADM vector (pooled ‖ original size, crop offset, target size embeddings) from the model's own
+        encode_adm."""
         cache = {}
         data = []
-        for ex, lat in zip(examples, latents):
+        for ex in examples:
+            pixels = ex.image.permute(1, 2, 0)[None]  # (1, H, W, 3), ComfyUI IMAGE layout
+            lat = base.process_latent_in(vae.encode(pixels)).float().cpu()[0]
             if ex.caption not in cache:
                 cond, pooled = clip.encode_from_tokens(clip.tokenize(ex.caption), return_pooled=True)
-                y = base.encode_adm(pooled_output=pooled, width=w, height=h, crop_w=0, crop_h=0,
-                                    target_width=w, target_height=h, device=pooled.device)
-                cache[ex.caption] = (cond[0].float().cpu(), y[0].float().cpu())
-            context, y = cache[ex.caption]
-            data.append({"latents": lat, "cond": {"context": context, "y": y}})
+                cache[ex.caption] = (cond[0].float().cpu(), pooled)
+            context, pooled = cache[ex.caption]
+            (oh, ow), (top, left), (th, tw) = ex.original_size, ex.crop_top_left, ex.target_size
+            y = base.encode_adm(pooled_output=pooled, width=ow, height=oh, crop_w=left, crop_h=top,
+                                target_width=tw, target_height=th, device=pooled.device)
+            data.append({"latents": lat, "cond": {"context": context, "y": y[0].float().cpu()}})
         return data
 
-    def _run_trainer(self, base, unet, data, config, out, device, resume_from, run):
+    def _run_trainer(self, base, unet, data, config, out, device, resume_from, run, sampling=None):
         import torch
 
         import comfy.model_management as mm
@@ -242,7 +325,10 @@ class TrainLoRA2:
         from lora2_train.network import LoRA2Network
         from lora2_train.trainer import Trainer
 
-        schedule = _schedule_of(base)
+        from .tools import free_path
+
+        schedule = _schedule_of(base, sampling)
+        run.watch_memory(device)
         dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
         if torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16):
             # a half-precision UNet: autocast to its dtype (and loss scaling for fp16), LoRA weights stay fp32
@@ -264,10 +350,20 @@ class TrainLoRA2:
             if ev.step == 1 or ev.resized or ev.step % config.resize_every == 0 or ev.step == ev.total:
                 history.append({"step": ev.step, "ranks": dict(ev.ranks), "loss": float(ev.loss)})
 
+        stamp = {"lora2_trained_with": "embedded"}
+
+        def snapshot(k):  # the adapter of step k, before any re-allocation, atomic like the final file
+            ad = adapter_from_network(network, config, base_model=_base_model_name(base))
+            ad.metadata.update(stamp, lora2_steps=str(k), lora2_snapshot="true")
+            path = free_path(str(out.parent), f"{out.stem}_step{k}")
+            save_adapter(ad, path)
+            run.snapshots.append(path.name)
+            logging.info("Train LoRA²: step %d saved as %s", k, path.name)
+
         unet_call = _UNetCall(unet, dtype)
         trainer = Trainer(unet_call, network, data, config, schedule=schedule, out_dir=ckpt_dir,
                           callback=callback, should_stop=mm.processing_interrupted, device=device,
-                          entropy_root=unet)
+                          entropy_root=unet, on_save=snapshot)
         try:
             with _autograd_attention(), _norm_inputs_copied(unet):
                 result = trainer.train(resume_from=resume_from or None)
@@ -275,25 +371,28 @@ class TrainLoRA2:
             unet_call.disable_gradient_checkpointing()
             network.restore()
             _restore_flags(flags)
-        stamp = {"lora2_steps": str(result.steps), "lora2_trained_with": "embedded"}
         adapter = adapter_from_network(network, config, base_model=_base_model_name(base))
-        adapter.metadata.update(stamp)
+        adapter.metadata.update(stamp, lora2_steps=str(result.steps))
         if not history or history[-1]["step"] != result.steps:
             loss = float(result.last.loss) if result.last is not None else float("nan")
             history.append({"step": result.steps, "ranks": dict(result.ranks), "loss": loss})
         if result.stopped:
-            partial = out.with_name(f"{out.stem}_step{result.steps}{out.suffix}")
-            if partial.exists():
-                partial = out.with_name(f"{out.stem}_step{result.steps}_{int(time.time())}{out.suffix}")
+            partial = free_path(str(out.parent), f"{out.stem}_step{result.steps}")
             adapter.metadata["lora2_interrupted"] = "true"
             save_adapter(adapter, partial)
             msg = (f"Train LoRA²: cancelled at step {result.steps}/{config.steps}; adapter so far saved as "
                    f"{partial.name}, resumable checkpoint {result.checkpoint}")
             logging.warning(msg)
-            run.send(status="interrupted", message=msg, saved=partial.name, checkpoint=str(result.checkpoint))
+            run.send(status="interrupted", message=msg, saved=partial.name, checkpoint=str(result.checkpoint),
+                     **run.memory())
             mm.throw_exception_if_processing_interrupted()
             raise mm.InterruptProcessingException()  # the flag was cleared elsewhere: still report it
-        save_adapter(adapter, out)
+        try:
+            save_adapter(adapter, out)
+        except FileExistsError:  # the name was taken while this run trained: the next free one
+            out = free_path(str(out.parent), out.stem)
+            save_adapter(adapter, out)
+        run.saved_as = out
         logging.info("Train LoRA²: saved %s (%d modules, %d parameters)", out, len(adapter.modules),
                      adapter.num_parameters())
         return adapter, history
@@ -333,7 +432,9 @@ class TrainLoRA2:
                 path = train_sd_scripts(sd_scripts_path, ckpt, folder, str(out.parent), out.stem, config,
                                         config.steps, int(resolution), config.batch_size, config.seed,
                                         python=python_path or None, callback=callback,
-                                        should_stop=mm.processing_interrupted, extra_options=extra_options)
+                                        should_stop=mm.processing_interrupted,
+                                        save_every=config.save_every_n_steps or None,
+                                        extra_options={**_sd_scripts_options(config), **(extra_options or {})})
             except TrainingCancelled as e:
                 msg = f"Train LoRA² (sd-scripts): cancelled; {e}"
                 logging.warning(msg)
@@ -387,14 +488,34 @@ class _UNetCall:
 
 
 class _Run:
-    """Progress bar + live messages of one node run."""
+    """Progress bar + live messages of one node run; the files it saved; peak device memory."""
 
     def __init__(self, node_id, total):
         import comfy.utils
 
         self.node_id, self.total = node_id, total
+        self.saved_as = None  # the final file, once written
+        self.snapshots: list[str] = []
+        self.device = None
         self.bar = comfy.utils.ProgressBar(total)
         self.send(status="started", step=0)
+
+    def watch_memory(self, device):
+        """Start measuring the peak memory allocated on `device` (CUDA only)."""
+        import torch
+
+        device = torch.device(device)
+        if device.type == "cuda" and torch.cuda.is_available():
+            self.device = device
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def memory(self) -> dict:
+        """``{"peak_memory_mb": …}`` since :meth:`watch_memory` (torch.cuda.max_memory_allocated), or {}."""
+        import torch
+
+        if self.device is None:
+            return {}
+        return {"peak_memory_mb": round(torch.cuda.max_memory_allocated(self.device) / 2 ** 20, 1)}
 
     def send(self, **data):
         _comfy.send(_comfy.PROGRESS_EVENT, {"node": self.node_id, "total": self.total, **data})
@@ -407,7 +528,8 @@ class _Run:
         except mm.InterruptProcessingException:
             mm.interrupt_current_processing(True)
         self.send(status="running", step=ev.step, loss=ev.loss, mse=ev.mse, reg=ev.reg, entropy=ev.entropy,
-                  num_params=ev.num_params, elapsed=ev.elapsed, ranks_by_block=_block_means(ev.ranks))
+                  num_params=ev.num_params, elapsed=ev.elapsed, ranks_by_block=_block_means(ev.ranks), lr=ev.lr,
+                  **self.memory())
 
 
 def _block_means(ranks):
@@ -416,12 +538,135 @@ def _block_means(ranks):
     return {k: round(float(v), 3) for k, v in mean_rank_by_block(ranks).items()}
 
 
-def _schedule_of(base):
+def _sd_scripts_options(config) -> dict:
+    """The node's training controls as sd-scripts options (the same names; ``mse`` is sd-scripts' ``l2``, and
+    its Huber threshold is held constant as in the embedded trainer)."""
+    opts = {"gradient_accumulation_steps": config.gradient_accumulation_steps,
+            "max_grad_norm": config.max_grad_norm, "lr_scheduler": config.lr_scheduler,
+            "lr_warmup_steps": config.lr_warmup_steps or None,
+            "min_snr_gamma": config.min_snr_gamma or None, "noise_offset": config.noise_offset or None,
+            "loss_type": {"mse": "l2", "huber": "huber"}[config.loss_type]}
+    if config.loss_type == "huber":
+        opts.update(huber_c=config.huber_c, huber_schedule="constant")
+    return opts
+
+
+def _info_line(out, requested, adapter, history, run) -> str:
+    """One line for the node's info output: the file written (and why its name differs), size, memory."""
+    from lora2_train.format import output_path
+
+    wanted = output_path(out.parent, requested).name
+    text = f"saved {out.name}" + (f" ({wanted} was taken)" if wanted != out.name else "")
+    text += f": {len(adapter.modules)} modules, {adapter.num_parameters():,} parameters"
+    if history:
+        text += f", {history[-1]['step']} steps, last loss {history[-1]['loss']:.4g}"
+    if run.snapshots:
+        text += f"; snapshots {', '.join(run.snapshots)}"
+    mem = run.memory()
+    if mem:
+        text += f"; peak GPU memory {mem['peak_memory_mb']:.0f} MiB"
+    return text
+
+
+def _free_memory():
+    """Unload every model ComfyUI holds and return cached device memory (what exists in this ComfyUI)."""
+    import comfy.model_management as mm
+
+    for name in ("unload_all_models", "soft_empty_cache"):
+        fn = getattr(mm, name, None)
+        if fn is not None:
+            fn()
+
+
+def _model_sampling(model):
+    """The ModelPatcher's model_sampling, object patches (ComfyUI's ModelSamplingDiscrete node) included."""
+    get = getattr(model, "get_model_object", None)
+    if get is not None:
+        try:
+            return get("model_sampling")
+        except (AttributeError, KeyError):
+            pass
+    patched = getattr(model, "object_patches", {}).get("model_sampling")
+    return patched if patched is not None else model.model.model_sampling
+
+
+def _prediction_of(model):
+    """(prediction_type, zero_terminal_snr, model_sampling) of a ComfyUI model: ε or v from its sampling
+    class, zero terminal SNR when the last discrete σ says ᾱ_T ≈ 0.  Other kinds are refused."""
+    import comfy.model_sampling as S
+
+    ms = _model_sampling(model)
+    denoise = getattr(type(ms), "calculate_denoised", None)
+    discrete = isinstance(ms, S.ModelSamplingDiscrete) and getattr(ms, "sigmas", None) is not None
+    kinds = {getattr(S, "EPS").calculate_denoised: "epsilon",
+             getattr(S, "V_PREDICTION").calculate_denoised: "v_prediction"}
+    if not discrete or denoise not in kinds:
+        raise ValueError(f"Train LoRA² (SDXL): embedded training needs an ε- or v-prediction model with a discrete "
+                         f"noise schedule; this one samples with {type(ms).__name__}")
+    sigma_last = float(ms.sigmas[-1])
+    return kinds[denoise], 1.0 / (1.0 + sigma_last ** 2) < 1e-6, ms
+
+
+def _data_from_latents(base, latents, positive):
+    """Training examples from ComfyUI latents and conditioning: a LATENT (``{"samples": (B, C, h, w)}``) or a
+    list of them (MakeTrainingDataset: one per image; ResolutionBucket: one batch per bucket), with a
+    CONDITIONING (``[[cond, {"pooled_output": …}], …]``) or a list of them: one per LATENT, or one for all.
+    Within a LATENT of B samples, the conditioning holds one entry per sample or one for all, and an entry's
+    cond / pooled tensors one row per sample or one for all."""
+    import torch
+
+    lats = latents if isinstance(latents, (list, tuple)) else [latents]
+    if not lats or not all(isinstance(d, dict) and isinstance(d.get("samples"), torch.Tensor) for d in lats):
+        raise ValueError("latents: expected LATENT values ({'samples': tensor})")
+    if positive is None:
+        raise ValueError("positive: latents need their text conditioning (connect positive)")
+    conds = list(positive) if isinstance(positive, (list, tuple)) else [positive]
+    if conds and _is_cond_entry(conds[0]):  # one CONDITIONING rather than a list of them
+        conds = [conds]
+    if len(conds) not in (1, len(lats)):
+        raise ValueError(f"positive: {len(conds)} conditionings for {len(lats)} latents; give one per latent or "
+                         f"one for all")
+    data = []
+    for i, d in enumerate(lats):
+        samples = d["samples"]
+        if samples.dim() != 4:
+            raise ValueError(f"latents[{i}]: samples must be (batch, channels, height, width), got "
+                             f"{tuple(samples.shape)}")
+        cond = conds[i if len(conds) > 1 else 0]
+        if not cond or not all(_is_cond_entry(e) for e in cond):
+            raise ValueError(f"positive[{i if len(conds) > 1 else 0}]: not a CONDITIONING ([[tensor, dict], …])")
+        b = samples.shape[0]
+        if len(cond) not in (1, b):
+            raise ValueError(f"positive[{i}]: {len(cond)} entries for {b} latents; one per latent or one for all")
+        x = base.process_latent_in(samples.float()).float().cpu()
+        for j in range(b):
+            tensor, extra = cond[j if len(cond) > 1 else 0]
+            pooled = extra.get("pooled_output")
+            if pooled is None:
+                raise ValueError(f"positive[{i}]: no pooled_output (an SDXL text encoder's conditioning is needed)")
+            row = j if tensor.shape[0] == b else 0
+            prow = j if pooled.shape[0] == b else 0
+            h, w = samples.shape[-2] * 8, samples.shape[-1] * 8
+            y = base.encode_adm(pooled_output=pooled[prow:prow + 1], width=int(extra.get("width", w)),
+                                height=int(extra.get("height", h)), crop_w=int(extra.get("crop_w", 0)),
+                                crop_h=int(extra.get("crop_h", 0)), target_width=int(extra.get("target_width", w)),
+                                target_height=int(extra.get("target_height", h)), device=pooled.device)
+            data.append({"latents": x[j], "cond": {"context": tensor[row].float().cpu(), "y": y[0].float().cpu()}})
+    return data
+
+
+def _is_cond_entry(e) -> bool:
+    import torch
+
+    return isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], torch.Tensor) and isinstance(e[1], dict)
+
+
+def _schedule_of(base, sampling=None):
     """The trainer's DDPM schedule taken from the model's discrete sigmas: σ_t² = (1−ᾱ_t)/ᾱ_t ⇒ ᾱ_t = 1/(1+σ_t²)."""
     from lora2_train.objective import DDPMSchedule
 
     schedule = DDPMSchedule()
-    sigmas = getattr(base.model_sampling, "sigmas", None)
+    sigmas = getattr(sampling if sampling is not None else base.model_sampling, "sigmas", None)
     if sigmas is not None:
         sigmas = sigmas.detach().float().cpu().clone()
         schedule.alphas_cumprod = 1.0 / (1.0 + sigmas ** 2)

@@ -113,3 +113,72 @@ def test_image_batch_errors():
         from_images(torch.rand(0, 8, 8, 3))
     with pytest.raises(DatasetError, match="tensor"):
         from_images([[1, 2]])
+
+
+# ---- aspect-ratio buckets ---------------------------------------------------------------------------
+def test_bucket_set_by_hand_and_sdxl_buckets():
+    from lora2_train.dataset import bucket_sizes
+
+    # widths 64…256 (step 64) at area 128²: heights 256, 128, 85→64, 64; plus the transposed pairs
+    assert bucket_sizes(128, min_side=64, max_side=256) == [(64, 256), (64, 192), (128, 128), (192, 64), (256, 64)]
+    sdxl = bucket_sizes(1024)
+    for hw in [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
+               (1536, 640), (640, 1536)]:
+        assert hw in sdxl, hw
+    assert all(h % 64 == 0 and w % 64 == 0 and 0.9 * 1024 ** 2 <= h * w <= 1024 ** 2 for h, w in sdxl)
+    assert min(h / w for h, w in sdxl) == 0.25 and max(h / w for h, w in sdxl) == 4.0  # max_side 2048
+    assert bucket_sizes(64) == [(64, 64)]  # min_side lowered to the resolution
+    with pytest.raises(DatasetError, match="step"):
+        bucket_sizes(32)
+
+
+def test_bucket_assignment_and_sdxl_size_conditioning_by_hand(tmp_path):
+    from lora2_train.dataset import bucket_sizes, nearest_bucket
+
+    sdxl = bucket_sizes(1024)
+    assert nearest_bucket(300, 200, sdxl) == (1216, 832)  # 1.5: |ln 1.4615 − ln 1.5| = 0.026 is the nearest
+    assert nearest_bucket(500, 500, sdxl) == (1024, 1024)
+    assert nearest_bucket(100, 1000, sdxl) == (512, 2048)  # beyond the range: the most extreme bucket
+    _png(tmp_path / "wide.png", 100, 40)  # PIL size (w, h): a 40×100 image
+    _png(tmp_path / "square.png", 30, 30)
+    ex = load_folder(tmp_path, 128, buckets=bucket_sizes(128, min_side=64, max_side=256))
+    square, wide = ex
+    # 40×100 (0.4) → bucket 64×192 (|ln ⅓ − ln 0.4| = 0.18 < |ln ¼ − ln 0.4| = 0.47); scale max(64/40, 192/100)
+    # = 1.92 → 77×192, crop rows (77 − 64) // 2 = 6 from the top, no columns
+    assert wide.image.shape == (3, 64, 192)
+    assert (wide.original_size, wide.crop_top_left, wide.target_size) == ((40, 100), (6, 0), (64, 192))
+    assert (square.original_size, square.crop_top_left, square.target_size) == ((30, 30), (0, 0), (128, 128))
+    plain = load_folder(tmp_path, 16)  # no buckets: the square crop, with its conditioning
+    assert plain[1].image.shape == (3, 16, 16)
+    assert (plain[1].original_size, plain[1].crop_top_left, plain[1].target_size) == ((40, 100), (0, 12), (16, 16))
+    batch = from_images(torch.rand(2, 40, 100, 3), "a|b", 128, buckets=bucket_sizes(128, 64, 256))
+    assert [e.target_size for e in batch] == [(64, 192)] * 2 and batch[0].crop_top_left == (6, 0)
+
+
+def test_mixed_aspect_dataset_trains_with_one_bucket_per_batch(tmp_path):
+    import torch.nn.functional as F
+
+    from lora2_train.dataset import bucket_sizes
+    from lora2_train.trainer import SampledDataset, Trainer
+    from test_trainer import setup
+
+    for i, (w, h) in enumerate([(100, 40), (90, 36), (50, 50), (60, 64), (30, 80), (40, 110)]):
+        _png(tmp_path / f"{i}.png", w, h, (40 * i, 255 - 30 * i, 100))
+    ex = load_folder(tmp_path, 128, "sks", buckets=bucket_sizes(128, min_side=64, max_side=256))
+    assert {e.target_size for e in ex} == {(64, 192), (128, 128), (192, 64)}
+    g = torch.Generator().manual_seed(0)
+    context = torch.randn(6, 32, generator=g)
+    data = []
+    for e in ex:  # stand-ins for the VAE (8× down, 4 channels) and the SDXL size embedding
+        pix = F.avg_pool2d(e.image[None], 8)[0]
+        sizes = torch.tensor([*e.original_size, *e.crop_top_left, *e.target_size], dtype=torch.float32) / 256
+        data.append({"latents": torch.cat([pix, pix.mean(0, keepdim=True)]) * 2 - 1,
+                     "cond": {"context": context, "y": F.pad(sizes, (0, 58))}})
+    dataset = SampledDataset(data)
+    shapes = []
+    sample = dataset.sample
+    dataset.sample = lambda n, gen: (lambda b: (shapes.append(tuple(b["latents"].shape)), b)[1])(sample(n, gen))
+    unet, net, _, cfg = setup(steps=6, batch_size=2, resize_every=3)
+    res = Trainer(unet, net, dataset, cfg).train()
+    assert res.steps == 6 and torch.isfinite(torch.tensor(res.last.loss))
+    assert len(set(shapes)) >= 2  # batches of several buckets, each batch of one size (else stack fails)

@@ -34,7 +34,17 @@ def test_inputs_cover_the_paper_hyperparameters_and_presets(train_mod):
     assert opt["fp8_base"][1]["default"] is False and opt["full_bf16"][1]["default"] is False
     assert opt["max_params_millions"][1]["default"] == 0.0
     assert opt["preset"][0] == ["none", "8GB", "12GB", "16GB", "24GB", "48GB"] and opt["preset"][1]["default"] == "none"
-    assert train_mod.TrainLoRA2.RETURN_TYPES == ("MODEL", "CLIP", "LORA2", "LORA2_HISTORY")
+    assert train_mod.TrainLoRA2.RETURN_TYPES == ("MODEL", "CLIP", "LORA2", "LORA2_HISTORY", "STRING")
+    assert train_mod.TrainLoRA2.RETURN_NAMES[-1] == "info"  # appended: links to the first four keep their slots
+    # the training controls, buckets and ComfyUI dataset inputs are optional, so older workflows still run
+    defaults = {"gradient_accumulation_steps": 1, "max_grad_norm": 1.0, "lr_scheduler": "constant",
+                "lr_warmup_steps": 0, "min_snr_gamma": 0.0, "noise_offset": 0.0, "loss_type": "mse", "huber_c": 0.1,
+                "save_every_n_steps": 0, "aspect_buckets": True, "min_bucket_reso": 256, "max_bucket_reso": 2048}
+    for name, default in defaults.items():
+        assert opt[name][1]["default"] == default, name
+    assert opt["lr_scheduler"][0] == ["constant", "constant_with_warmup", "cosine"]
+    assert opt["loss_type"][0] == ["mse", "huber"]
+    assert opt["latents"][0] == "LATENT" and opt["positive"][0] == "CONDITIONING"
 
 
 def test_image_batch_becomes_an_image_folder_with_captions(train_mod, tmp_path):
@@ -66,3 +76,127 @@ def test_python_defaults_equal_the_widget_defaults(train_mod):
         if len(decl) > 1 and "default" in decl[1] and params[name].default is not inspect.Parameter.empty:
             assert params[name].default == decl[1]["default"], name
     assert params["gradient_checkpointing"].default is True
+
+
+def test_taken_output_names_get_a_counter(train_mod, tmp_path):
+    tools = sys.modules["lora2_pack_t.nodes.tools"]
+    assert tools.free_path(str(tmp_path), "run").name == "run.safetensors"
+    (tmp_path / "run.safetensors").write_bytes(b"x")
+    (tmp_path / "run_2.safetensors").write_bytes(b"x")
+    assert tools.free_path(str(tmp_path), "run.safetensors").name == "run_3.safetensors"
+    assert tools.free_path(str(tmp_path), "run_step10").name == "run_step10.safetensors"
+
+
+def test_info_line_names_the_file_and_why(train_mod, tmp_path):
+    from lora2_train.format import Adapter, LoRAModule
+
+    ad = Adapter({"lora_unet_a": LoRAModule(torch.zeros(4, 8), torch.zeros(6, 4), 4.0)}, {})
+
+    class Run:
+        snapshots = ["lora2_sdxl_2_step5.safetensors"]
+
+        def memory(self):
+            return {"peak_memory_mb": 1234.5}
+
+    out = tmp_path / "lora2_sdxl_2.safetensors"
+    line = train_mod._info_line(out, "lora2_sdxl", ad, [{"step": 10, "loss": 0.125}], Run())
+    assert line == ("saved lora2_sdxl_2.safetensors (lora2_sdxl.safetensors was taken): 1 modules, 56 parameters, "
+                    "10 steps, last loss 0.125; snapshots lora2_sdxl_2_step5.safetensors; peak GPU memory 1234 MiB")
+    assert "\n" not in line
+
+
+class _FakeBase:
+    """process_latent_in ×2; encode_adm returns its size arguments after the pooled vector."""
+
+    def process_latent_in(self, x):
+        return x * 2
+
+    def encode_adm(self, pooled_output, width, height, crop_w, crop_h, target_width, target_height, device=None):
+        sizes = torch.tensor([[height, width, crop_h, crop_w, target_height, target_width]], dtype=torch.float32)
+        return torch.cat([pooled_output.float(), sizes], 1)
+
+
+def test_latents_and_conditioning_of_comfyui_dataset_nodes(train_mod):
+    g = torch.Generator().manual_seed(0)
+    cond = [[torch.randn(1, 5, 8, generator=g), {"pooled_output": torch.randn(1, 3, generator=g)}]
+            for _ in range(3)]
+    # MakeTrainingDataset: one LATENT (batch 1) and one CONDITIONING per image, sizes may differ
+    lats = [{"samples": torch.randn(1, 4, 8, 8, generator=g)}, {"samples": torch.randn(1, 4, 8, 12, generator=g)},
+            {"samples": torch.randn(1, 4, 8, 8, generator=g)}]
+    data = train_mod._data_from_latents(_FakeBase(), lats, [[c] for c in cond])
+    assert len(data) == 3 and data[1]["latents"].shape == (4, 8, 12)
+    assert torch.equal(data[1]["latents"], lats[1]["samples"][0] * 2)
+    assert torch.equal(data[2]["cond"]["context"], cond[2][0][0])
+    assert data[1]["cond"]["y"].tolist()[3:] == [64.0, 96.0, 0.0, 0.0, 64.0, 96.0]  # sizes of the latent × 8
+    # ResolutionBucket: one LATENT batch per bucket with a flat list of one entry per sample
+    bucket = [{"samples": torch.randn(2, 4, 8, 8, generator=g)}]
+    data = train_mod._data_from_latents(_FakeBase(), bucket, [[cond[0], cond[1]]])
+    assert [torch.equal(d["cond"]["context"], c[0][0]) for d, c in zip(data, cond[:2])] == [True, True]
+    # a plain LATENT batch with one CONDITIONING for all (CLIPTextEncodeSDXL sizes are used)
+    sdxl = [[torch.randn(1, 5, 8), {"pooled_output": torch.randn(1, 3), "width": 1024, "height": 768}]]
+    data = train_mod._data_from_latents(_FakeBase(), {"samples": torch.randn(3, 4, 8, 8)}, sdxl)
+    assert len(data) == 3 and data[0]["cond"]["y"].tolist()[3:5] == [768.0, 1024.0]
+    for bad, match in [((lats, None), "positive: latents need"), ((lats, [[c] for c in cond[:2]]),
+                                                                  "2 conditionings for 3"),
+                       (([{"x": 1}], cond), "LATENT"), ((bucket, [cond[:3]]), "3 entries for 2"),
+                       ((lats[:1], [[[torch.zeros(1, 5, 8), {}]]]), "pooled_output")]:
+        with pytest.raises(ValueError, match=match):
+            train_mod._data_from_latents(_FakeBase(), *bad)
+
+
+def test_run_unwraps_comfyui_lists(train_mod):
+    seen = {}
+    node = train_mod.TrainLoRA2()
+    node.train = lambda **kw: seen.update(kw)
+    node.run(steps=[5], output_name=["x"], images=[None], captions=["a"], latents=[{"samples": 1}, {"samples": 2}],
+             positive=[None], unique_id=["7"])
+    assert seen == {"steps": 5, "output_name": "x", "images": None, "captions": "a",
+                    "latents": [{"samples": 1}, {"samples": 2}], "positive": None, "unique_id": "7"}
+    with pytest.raises(ValueError, match="'steps' got a list of 2"):
+        node.run(steps=[5, 6])
+
+
+def test_training_controls_reach_sd_scripts_under_its_names(train_mod):
+    from lora2_train.config import LoRA2Config
+
+    assert train_mod._sd_scripts_options(LoRA2Config()) == {
+        "gradient_accumulation_steps": 1, "max_grad_norm": 1.0, "lr_scheduler": "constant", "lr_warmup_steps": None,
+        "min_snr_gamma": None, "noise_offset": None, "loss_type": "l2"}
+    opts = train_mod._sd_scripts_options(LoRA2Config(gradient_accumulation_steps=4, max_grad_norm=0.0,
+                                                     lr_scheduler="cosine", lr_warmup_steps=10, min_snr_gamma=5.0,
+                                                     noise_offset=0.05, loss_type="huber", huber_c=0.2))
+    assert opts == {"gradient_accumulation_steps": 4, "max_grad_norm": 0.0, "lr_scheduler": "cosine",
+                    "lr_warmup_steps": 10, "min_snr_gamma": 5.0, "noise_offset": 0.05, "loss_type": "huber",
+                    "huber_c": 0.2, "huber_schedule": "constant"}
+
+
+def test_image_lists_of_comfyui_dataset_nodes_become_bucketed_examples(train_mod):
+    """LoadImageTextDataSetFromFolder gives a list of (1, H, W, 3) images of any size and a list of texts."""
+    from lora2_train.dataset import DatasetError, bucket_sizes
+
+    node = train_mod.TrainLoRA2()
+    images = [torch.rand(1, 40, 100, 3), torch.rand(1, 30, 30, 3)]
+    buckets = bucket_sizes(128, 64, 256)
+    ex = node._examples("", images, ["wide one", "square one"], "sks", 128, buckets)
+    assert [(e.caption, e.target_size, e.original_size, e.source) for e in ex] == [
+        ("wide one", (64, 192), (40, 100), "images[0]"), ("square one", (128, 128), (30, 30), "images[1]")]
+    assert {e.caption for e in node._examples("", images, ["same"], "sks", 128, buckets)} == {"same"}
+    with pytest.raises(DatasetError, match="3 captions for 2 images"):
+        node._examples("", images, ["a", "b", "c"], "sks", 128, buckets)
+
+
+def test_other_models_are_unloaded_through_model_management(train_mod, monkeypatch):
+    import types
+
+    calls = []
+    mm = types.SimpleNamespace(unload_all_models=lambda: calls.append("unload"),
+                               soft_empty_cache=lambda: calls.append("empty"))
+    comfy = types.ModuleType("comfy")
+    comfy.model_management = mm
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    train_mod._free_memory()
+    assert calls == ["unload", "empty"]
+    del mm.soft_empty_cache  # an older ComfyUI without it: the rest still runs
+    train_mod._free_memory()
+    assert calls == ["unload", "empty", "unload"]

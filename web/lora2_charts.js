@@ -165,14 +165,20 @@ function beginPanel(node, ctx, color) {
   return { top, x: 8, w: node.size[0] - 16 };
 }
 
+// peak device memory of the run (CUDA only; absent on other devices)
+function peak(mb) {
+  return typeof mb === "number" ? `  peak ${Math.round(mb)} MiB` : "";
+}
+
 function drawTrain(node, ctx) {
   const st = node.lora2;
   const { top, x, w } = beginPanel(node, ctx, st && st.status === "interrupted" ? "#ef9a9a" : COLORS.text);
   let line = "LoRA²: waiting for training";
   if (st) {
     if (st.status === "interrupted") line = st.message || "cancelled";
-    else if (st.status === "done") line = `done: ${st.step}/${st.total} steps, saved ${st.saved || ""}`;
-    else line = `step ${st.step ?? 0}/${st.total ?? "?"}  loss ${fmt(st.last?.loss)}  params ${fmtCount(st.last?.num_params)}`;
+    else if (st.status === "done") line = `done: ${st.step}/${st.total} steps, saved ${st.saved || ""}` + peak(st.peak);
+    else line = `step ${st.step ?? 0}/${st.total ?? "?"}  loss ${fmt(st.last?.loss)}  params ${fmtCount(st.last?.num_params)}` +
+      peak(st.peak);
   }
   ctx.fillText(line, x, top, w);
   const h = (CHART_H - 24) / 2;
@@ -216,6 +222,7 @@ function onProgress(event) {
   if (d.ranks_by_block) st.blocks = d.ranks_by_block;
   if (d.saved) st.saved = d.saved;
   if (d.message) st.message = d.message;
+  if (typeof d.peak_memory_mb === "number") st.peak = d.peak_memory_mb;
   node.setDirtyCanvas?.(true, true);
 }
 

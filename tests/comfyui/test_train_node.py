@@ -30,3 +30,12 @@ def test_embedded_training_on_a_comfyui_unet(comfyui_dir, tmp_path):
     assert f["interrupted"] and f["flag_cleared"]
     assert f["partial_exists"] and f["partial_meta"] == "true" and f["final_absent"]
     assert f["checkpoint_step"] == 2
+    # ε / v-prediction and zero terminal SNR come from the model's model_sampling (object patch included)
+    assert f["eps_kind"] == ["epsilon", False] and f["v_kind"] == ["v_prediction", True]
+    assert f["v_schedule_last"] < 1e-7 and abs(f["v_schedule_first"] - (1 - 0.00085)) < 1e-6
+    # queued twice with one output name: the second run saves name_2 and says so; snapshots every 2 steps
+    assert f["twice"] == ["twice.safetensors", "twice_2.safetensors"] and f["unet_kept"]
+    assert f["twice_info"][0].startswith("saved twice.safetensors: ")
+    assert f["twice_info"][1].startswith("saved twice_2.safetensors (twice.safetensors was taken): ")
+    assert f["snapshots"] == ["twice_2_step2.safetensors", "twice_step2.safetensors"]
+    assert f["twice_prediction"] == "v_prediction" and f["twice_zsnr"] is True and f["twice_accum"] == 2

@@ -79,6 +79,7 @@ schedule_matches = bool(torch.allclose(schedule.add_noise(x0, eps, t), comfy_in,
                         and torch.equal(base.model_sampling.timestep(sigma).long(), t))
 
 before = digest(base)
+unet_before = digest(base.diffusion_model)
 inference_before = all(p.is_inference() for p in base.diffusion_model.parameters())
 node = train_mod.TrainLoRA2()
 config = LoRA2Config(r_init=4, r_target=4, r_max=8, steps=3, resize_every=2, lr=1e-3, checkpoint_every=3)
@@ -118,6 +119,7 @@ def _counting(self):
 
 train_mod._UNetCall.enable_gradient_checkpointing = _counting
 plain, with_ckpt = two_steps("plain", False), two_steps("ckpt", True)
+train_mod._UNetCall.enable_gradient_checkpointing = _enable
 ckpt_diff = max(float((plain.modules[k].up.float() - with_ckpt.modules[k].up.float()).abs().max())
                 for k in plain.modules)
 ckpt_moved = max(float(m.up.float().abs().max()) for m in plain.modules.values())
@@ -144,13 +146,55 @@ with torch.inference_mode(False), torch.enable_grad():
     except mm.InterruptProcessingException:
         interrupted = True
 partial = output_path(loras, "inproc_cancel_step2")
+
+weights_after_all = digest(base)  # before a v-prediction object patch replaces model_sampling's sigma buffers
+
+# prediction type and schedule from the model's model_sampling (ComfyUI's ModelSamplingDiscrete node patches it)
+import comfy.model_sampling as MS  # noqa: E402
+from lora2_train.objective import rescale_zero_terminal_snr  # noqa: E402
+
+
+class VSampling(MS.ModelSamplingDiscrete, MS.V_PREDICTION):
+    pass
+
+
+vms = VSampling(base.model_config)
+ac = rescale_zero_terminal_snr(1.0 / (1.0 + vms.sigmas.double() ** 2))
+ac[-1] = 4.8973451890853435e-08  # what ComfyUI's zsnr option leaves at the last step
+vms.set_sigmas(((1 - ac) / ac).sqrt())
+vpatcher = patcher.clone()
+vpatcher.add_object_patch("model_sampling", vms)
+eps_kind = train_mod._prediction_of(patcher)[:2]
+v_kind = train_mod._prediction_of(vpatcher)[:2]
+v_schedule = train_mod._schedule_of(base, train_mod._prediction_of(vpatcher)[2])
+
+# the whole node, twice with the same output name, fed latents + conditioning as ComfyUI's dataset nodes give
+# them (INPUT_IS_LIST: every input a list; latents of two sizes), v-prediction with zero terminal SNR
+with torch.inference_mode():
+    lat_list = [{"samples": torch.randn(1, 4, 8, 8)}, {"samples": torch.randn(1, 4, 8, 16)}]
+    pos_list = [[[torch.randn(1, 77, 2048), {"pooled_output": torch.randn(1, 1280)}]] for _ in range(2)]
+inputs = dict(model=vpatcher, clip=None, vae=None, dataset_path="", instance_prompt="", steps=3, learning_rate=1e-3,
+              nu_learning_rate=1e-2, r_init=4, r_max=8, r_target=4, q=0.9, lambda_r=1.0, lambda_e=0.0, seed=0,
+              resolution=64, batch_size=1, target_modules="attn", backend="embedded", output_name="twice",
+              save_every_n_steps=2, gradient_accumulation_steps=2, lr_scheduler="cosine", lr_warmup_steps=1,
+              min_snr_gamma=5.0, unique_id="5")
+runs = []
+for _ in range(2):
+    with torch.inference_mode():  # as ComfyUI executes nodes
+        res = node.run(**{k: [v] for k, v in inputs.items()}, latents=lat_list, positive=pos_list)
+    runs.append(res)
+twice = [r["ui"]["lora2_saved"][0] for r in runs]
+unet_kept = digest(base.diffusion_model) == unet_before
+twice_info = [r["result"][4] for r in runs]
+twice_meta = json.loads(load_adapter(output_path(loras, twice[1])).metadata["lora2_config"])
+snapshot_files = sorted(p.name for p in __import__("pathlib").Path(loras).glob("twice*_step*"))
 ckpt = os.path.join(work, "output", "lora2_checkpoints", "inproc_cancel", "checkpoint.pt")
 state = torch.load(ckpt, weights_only=True)
 print(json.dumps({
     "schedule_matches": schedule_matches,
     "ckpt_same_ranks": plain.ranks() == with_ckpt.ranks(), "ckpt_diff": ckpt_diff, "ckpt_moved": ckpt_moved,
     "blocks_restored": blocks_restored, "ckpt_blocks": patched_counts,
-    "weights_identical": before == after == digest(base),
+    "weights_identical": before == after == weights_after_all,
     "inference_before": inference_before,
     
     "requires_grad_after": any(p.requires_grad for p in base.diffusion_model.parameters()),
@@ -168,4 +212,9 @@ print(json.dumps({
     "partial_meta": load_adapter(partial).metadata.get("lora2_interrupted") if partial.exists() else None,
     "final_absent": not out2.exists(),
     "checkpoint_step": int(state["step"]),
+    "eps_kind": list(eps_kind), "v_kind": list(v_kind),
+    "v_schedule_last": float(v_schedule.alphas_cumprod[-1]), "v_schedule_first": float(v_schedule.alphas_cumprod[0]),
+    "unet_kept": unet_kept, "twice": twice, "twice_info": twice_info, "snapshots": snapshot_files,
+    "twice_prediction": twice_meta.get("prediction_type"), "twice_zsnr": twice_meta.get("zero_terminal_snr"),
+    "twice_accum": twice_meta.get("gradient_accumulation_steps"),
 }))
