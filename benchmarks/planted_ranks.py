@@ -121,9 +121,42 @@ def train_arm(task: Task, arm, lr: float, opts, seed: int) -> dict:
                "test": evaluate(task.unet, task.test), "lr": lr}
         if cfg is not None:
             res["ranks"] = {k: l.effective_rank() for k, l in net.layers.items()}
+        else:
+            res["delta"] = delta_profile(net)
         return res
     finally:
         net.restore()
+
+
+@torch.no_grad()
+def delta_profile(net) -> dict:
+    """Per component of a fixed-rank LoRA: ‖ΔW‖_F and its energy rank (singular values holding 90 % of ‖ΔW‖²)."""
+    out = {}
+    for k, l in net.layers.items():
+        s = torch.linalg.svdvals(l.scale * (l.lora_up @ l.lora_down))
+        energy = (s.square().cumsum(0) / s.square().sum().clamp_min(1e-30))
+        out[k] = {"norm": float(s.norm()), "energy_rank": int((energy < 0.9).sum()) + 1}
+    return out
+
+
+def identifiability(plan: dict, delta: dict) -> dict:
+    """Does a fixed-rank LoRA with room for every planted rank put its change where the plants are?
+
+    Spearman of planted rank against its ‖ΔW‖ and energy rank over the planted components, and the share
+    of Σ‖ΔW‖² that lands in planted components.  Low values mean the student matches the teacher with
+    changes spread over components planted at 0 as well: no method can then read the planted ranks
+    off the data within this budget, and the rank metrics above measure the task as much as the method.
+    """
+    from lora2_train.planted import spearman
+
+    planted = [k for k in sorted(plan) if plan[k] > 0]
+    total = sum(v["norm"] ** 2 for v in delta.values())
+    return {
+        "spearman_norm": round(spearman([plan[k] for k in planted], [delta[k]["norm"] for k in planted]), 4),
+        "spearman_energy_rank": round(spearman([plan[k] for k in planted], [delta[k]["energy_rank"] for k in planted]), 4),
+        "planted_energy_share": round(sum(delta[k]["norm"] ** 2 for k in planted) / total, 4) if total else None,
+        "planted_share_of_components": round(len(planted) / len(plan), 4),
+    }
 
 
 def tuned(task, arm, opts, seed, log) -> dict:
@@ -168,11 +201,14 @@ def run_seed(opts, seed, log) -> dict:
                   "level_means": rank_metrics(task.plan, noreg["ranks"])["level_means"]},
         "fixed": {str(r): {"params": v["params"], "test": rel(v["test"]), "lr": v["lr"]} for r, v in fixed.items()},
         "params_ratio_at_equal_mse": round(equal / lora2["params"], 3) if equal else None,
+        # the largest fixed rank: where does a student with room for every plant put its change?
+        "identifiability": {"rank": max(fixed), **identifiability(task.plan, fixed[max(fixed)]["delta"])},
         "dominated_by": [r for r, v in fixed.items() if v["params"] <= lora2["params"] and v["test"] < lora2["test"]],
         "seconds": round(time.perf_counter() - t0, 1),
     }
     log(f"seed {seed}: spearman_planted={out['spearman_planted']} level_means={out['level_means']} "
-        f"zero_at_floor={out['zero_at_floor']} params_ratio_at_equal_mse={out['params_ratio_at_equal_mse']}")
+        f"zero_at_floor={out['zero_at_floor']} params_ratio_at_equal_mse={out['params_ratio_at_equal_mse']} "
+        f"identifiability={out['identifiability']}")
     return out
 
 
@@ -180,6 +216,10 @@ def _seed_job(args):
     opts, seed, threads = args
     torch.set_num_threads(threads)
     return run_seed(opts, seed, lambda m: print(f"[seed {seed}] {m}", flush=True))
+
+
+def mean_of(per_seed, key):
+    return round(statistics.fmean(s["identifiability"][key] for s in per_seed), 4)
 
 
 def _ints(text):
@@ -226,6 +266,8 @@ def main(argv=None):
                                       else None),
         "params_ratio_at_equal_mse_per_seed": ratios,
         "lora2_dominated": any(s["dominated_by"] for s in per_seed),
+        "identifiability_spearman_norm": mean_of(per_seed, "spearman_norm"),
+        "identifiability_planted_energy_share": mean_of(per_seed, "planted_energy_share"),
         "per_seed": per_seed,
         "seconds": round(time.perf_counter() - t0, 1),
         **threads_note(),

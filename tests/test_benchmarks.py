@@ -27,6 +27,9 @@ def test_planted_ranks_quick():
     for arm in [seed["lora2"], seed["noreg"], *seed["fixed"].values()]:
         assert 0 < arm["test"] < 1.5 and arm["params"] > 0  # test error relative to the untrained student
     assert seed["lora2"]["lr"] == 2e-3 and -1.0 <= res["spearman_planted"] <= 1.0
+    ident = seed["identifiability"]
+    assert ident["rank"] == 32 and 0 < ident["planted_energy_share"] < 1 and ident["planted_share_of_components"] == 0.25
+    assert res["identifiability_planted_energy_share"] == ident["planted_energy_share"]
 
 
 def test_step_time_quick():
@@ -64,3 +67,23 @@ def test_tools_io_quick():
     for tool in ("inspect", "pad", "merge", "truncate"):
         assert res[f"{tool}_s"] > 0 and res[f"{tool}_raw_s"] > 0 and res[f"{tool}_ratio"] > 0
     assert res["max_ratio"] == max(res[f"{t}_ratio"] for t in ("inspect", "pad", "merge", "truncate"))
+
+
+def test_identifiability_by_hand():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from planted_ranks import identifiability
+    finally:
+        sys.path.pop(0)
+    plan = {"a": 0, "b": 0, "c": 2, "d": 8}
+    # the change sits where the plants are, in proportion: share 25/26, both Spearman figures 1
+    good = {"a": {"norm": 1.0, "energy_rank": 1}, "b": {"norm": 0.0, "energy_rank": 1},
+            "c": {"norm": 3.0, "energy_rank": 2}, "d": {"norm": 4.0, "energy_rank": 8}}
+    assert identifiability(plan, good) == {"spearman_norm": 1.0, "spearman_energy_rank": 1.0,
+                                           "planted_energy_share": round(25 / 26, 4),
+                                           "planted_share_of_components": 0.5}
+    # spread over the rank-0 components, against the plants
+    bad = {"a": {"norm": 4.0, "energy_rank": 9}, "b": {"norm": 4.0, "energy_rank": 9},
+           "c": {"norm": 2.0, "energy_rank": 5}, "d": {"norm": 1.0, "energy_rank": 3}}
+    m = identifiability(plan, bad)
+    assert m["spearman_norm"] == -1.0 and m["spearman_energy_rank"] == -1.0 and m["planted_energy_share"] == round(5 / 37, 4)
