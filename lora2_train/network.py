@@ -148,15 +148,20 @@ class LoRA2Network(nn.Module):
     def nus(self) -> dict[str, float]:
         return {k: float(l.nu().detach()) for k, l in self.layers.items()}
 
+    def target_ranks(self) -> dict[str, int]:
+        """The rank every component would be re-allocated at now: D(ν) rounded up to the block."""
+        return {k: layer.target_rank() for k, layer in self.layers.items()}
+
     @torch.no_grad()
-    def resize(self, optimizer: torch.optim.Optimizer | None = None,
-               in_place: bool = False) -> dict[str, tuple[int, int]]:
-        """Re-allocate every component at its current D(ν) (rounded to the block); returns changes.
+    def resize(self, optimizer: torch.optim.Optimizer | None = None, in_place: bool = False,
+               targets: dict[str, int] | None = None) -> dict[str, tuple[int, int]]:
+        """Re-allocate every component at its current D(ν) (rounded to the block), or at ``targets``
+        (from :meth:`target_ranks`); returns changes.
 
         ``in_place`` keeps the Parameter objects (see :meth:`AdaptiveLoRA.resize`)."""
         changed = {}
         for k, layer in self.layers.items():
-            old, new = layer.rank, layer.target_rank()
+            old, new = layer.rank, (targets[k] if targets is not None else layer.target_rank())
             if layer.resize(new, optimizer, in_place=in_place):
                 changed[k] = (old, new)
         return changed

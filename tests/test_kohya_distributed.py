@@ -1,0 +1,103 @@
+"""Multi-process sd-scripts training without GPUs: two CPU processes over gloo.
+
+The launcher runs the trainer extension under ``torch.distributed.run`` (the elastic launcher
+``accelerate launch --multi_gpu`` uses) against tests/fake_sd_scripts, which drives the LoRA² network
+in sd-scripts' arrangement: ``accelerator.prepare(network, optimizer, …)`` (the network wrapped in
+DistributedDataParallel), gradients averaged with ``accelerator.reduce(…, "mean")``, different data on
+each process.  Every process reports its network at the end (FAKE_SD_REPORT_DIR).
+"""
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora2_train.config import LoRA2Config
+from lora2_train.format import load_adapter
+from lora2_train.kohya import launch
+
+FAKE = Path(__file__).resolve().parent / "fake_sd_scripts"
+#: ν moves fast and nothing pulls it back: some components grow, others shrink (seen: 35 up, 53 down at step 2)
+DEADLINE_S = 120
+CONFIG = dict(r_init=8, r_target=8, r_max=16, lambda_r=0.0, nu_lr=3.0, resize_every=2, rank_block=1, lr=0.05)
+
+
+@pytest.fixture
+def inputs(tmp_path, monkeypatch):
+    monkeypatch.setattr(launch, "check_requirements", lambda python, folder: None)  # the probe is tested apart
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ckpt = tmp_path / "sdxl.safetensors"
+    ckpt.write_bytes(b"x")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.png").write_bytes(b"\x89PNG")
+    return ckpt, data
+
+
+def train(tmp_path, monkeypatch, inputs, name, steps=8, report="report", **kw):
+    folder = tmp_path / report
+    folder.mkdir(exist_ok=True)
+    monkeypatch.setenv("FAKE_SD_REPORT_DIR", str(folder))
+    events = []
+    kw.setdefault("num_processes", 2)
+    # no hang: past the deadline the run is stopped (SIGTERM; the elastic agent kills what is left 30 s later)
+    # and the test fails with TrainingCancelled
+    deadline = time.monotonic() + DEADLINE_S
+    kw.setdefault("should_stop", lambda: time.monotonic() > deadline)
+    path = launch.train_sd_scripts(FAKE, inputs[0], inputs[1], tmp_path / "out", name, LoRA2Config(**CONFIG),
+                                   steps, 64, 1, 3, python=sys.executable, callback=events.append, cpu=True,
+                                   poll_seconds=0.05, **kw)
+    reports = [json.loads(p.read_text()) for p in sorted(folder.glob("rank*.json"))]
+    return path, events, reports
+
+
+def test_two_processes_reallocate_identically_and_write_once(tmp_path, monkeypatch, inputs):
+    path, events, reports = train(tmp_path, monkeypatch, inputs, "ddp")
+    # progress comes from the main process only: one event per step
+    assert [e.step for e in events] == list(range(1, 9))
+    grown = sum(new > old for e in events for old, new in e.resized.values())
+    shrunk = sum(new < old for e in events for old, new in e.resized.values())
+    assert grown > 0 and shrunk > 0, (grown, shrunk)
+    assert len(reports) == 2
+    r0, r1 = reports
+    assert r0["steps"] == r1["steps"] == 8
+    assert r0["ranks"] == r1["ranks"] and len(set(r0["ranks"].values())) > 1
+    assert r0["nus"] == r1["nus"]
+    assert r0["weights"] == r1["weights"] and r0["weight_norms"] == r1["weight_norms"]
+    assert r0["first_loss"] != r1["first_loss"]  # each process trained on its own data
+    # one file, written by the main process, holding that network
+    files = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert files == ["ddp.safetensors"] and path.name == "ddp.safetensors"
+    assert load_adapter(path).ranks() == r0["ranks"]
+
+
+def test_divergence_is_one_error_line_of_the_trainer(tmp_path, monkeypatch, capsys):
+    """The trainer extension turns the re-allocation check's error into its one error line (the launcher
+    reports that line; tests/test_distributed.py makes two real processes diverge)."""
+    from lora2_train import distributed as D
+    from lora2_train.kohya import network as kn
+    from lora2_train.kohya import train as kt
+
+    def diverged(net, step, ranks):
+        raise D.ProcessesDiverged(f"LoRA² re-allocation at step {step}: the 2 processes disagree: x")
+
+    monkeypatch.setattr(kn, "check_in_sync", diverged)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    (tmp_path / "out").mkdir()
+    settings = launch.training_settings(tmp_path / "c.safetensors", tmp_path / "d.toml", tmp_path / "out", "one",
+                                        LoRA2Config(**CONFIG), 3, 3)
+    (tmp_path / "t.toml").write_text(launch.to_toml(settings))
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        assert kt.main(["--sd_scripts", str(FAKE), "--config_file", str(tmp_path / "t.toml")]) == 2
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        for name in ("train_network", "sdxl_train_network", "library", "library.train_util"):
+            sys.modules.pop(name, None)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "lora2_train.kohya.train: error: LoRA² re-allocation at step 2: the 2 processes disagree: x"
+    assert not (tmp_path / "out" / "one.safetensors").exists()
