@@ -42,13 +42,14 @@ def train(tmp_path, monkeypatch, inputs, name, steps=8, report="report", **kw):
     folder.mkdir(exist_ok=True)
     monkeypatch.setenv("FAKE_SD_REPORT_DIR", str(folder))
     events = []
+    kw.setdefault("callback", events.append)
     kw.setdefault("num_processes", 2)
     # no hang: past the deadline the run is stopped (SIGTERM; the elastic agent kills what is left 30 s later)
     # and the test fails with TrainingCancelled
     deadline = time.monotonic() + DEADLINE_S
     kw.setdefault("should_stop", lambda: time.monotonic() > deadline)
     path = launch.train_sd_scripts(FAKE, inputs[0], inputs[1], tmp_path / "out", name, LoRA2Config(**CONFIG),
-                                   steps, 64, 1, 3, python=sys.executable, callback=events.append, cpu=True,
+                                   steps, 64, 1, 3, python=sys.executable, cpu=True,
                                    poll_seconds=0.05, **kw)
     reports = [json.loads(p.read_text()) for p in sorted(folder.glob("rank*.json"))]
     return path, events, reports
@@ -101,3 +102,34 @@ def test_divergence_is_one_error_line_of_the_trainer(tmp_path, monkeypatch, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "lora2_train.kohya.train: error: LoRA² re-allocation at step 2: the 2 processes disagree: x"
     assert not (tmp_path / "out" / "one.safetensors").exists()
+
+
+def test_cancel_saves_state_and_resume_continues_the_run(tmp_path, monkeypatch, inputs):
+    """One process: a run stopped after a few steps saves sd-scripts' state; resuming it ends with the
+    network (ranks, ν, weights) of an uninterrupted run, which needs the ragged ranks restored before
+    the optimizer state, the step count, and the step sd-scripts skips to."""
+    _, _, (ref,) = train(tmp_path, monkeypatch, inputs, "ref", report="ref", num_processes=1, save_state=True)
+    assert (tmp_path / "out" / "ref-state" / "optimizer.bin").is_file()
+
+    monkeypatch.setenv("FAKE_SD_STEP_SLEEP", "0.3")
+    seen = []
+    with pytest.raises(launch.TrainingCancelled) as info:
+        train(tmp_path, monkeypatch, inputs, "cut", report="cut", num_processes=1, save_state=True,
+              should_stop=lambda: len(seen) >= 3, callback=seen.append)
+    stopped = seen[-1].step
+    assert 3 <= stopped < 8
+    state = info.value.state
+    assert state == (tmp_path / "out" / f"cut-step{stopped:08d}-state").resolve() and state.is_dir()
+    assert info.value.path.name == f"cut-step{stopped:08d}.safetensors"
+    assert json.loads((state / "train_state.json").read_text())["current_step"] == stopped
+    assert "resumable state" in str(info.value)
+
+    monkeypatch.setenv("FAKE_SD_STEP_SLEEP", "0")
+    path, events, (resumed,) = train(tmp_path, monkeypatch, inputs, "cut", report="resumed", num_processes=1,
+                                     resume_from=state)
+    assert [e.step for e in events] == list(range(stopped + 1, 9))
+    assert resumed["steps"] == 8
+    assert resumed["ranks"] == ref["ranks"] and len(set(ref["ranks"].values())) > 1
+    assert resumed["nus"] == pytest.approx(ref["nus"], rel=1e-6)
+    assert resumed["weights"] == pytest.approx(ref["weights"], rel=1e-5, abs=1e-7)
+    assert path.name == "cut.safetensors" and load_adapter(path).ranks() == ref["ranks"]

@@ -451,3 +451,59 @@ def test_no_reallocation_after_the_last_step_nor_at_save(tmp_path, small_unet, e
         assert torch.allclose(saved.delta_weight(), delta, atol=1e-6)
     finally:
         net.close()
+
+
+class _Wrapped(torch.nn.Module):
+    """Stands for DistributedDataParallel around the network: accelerate saves and loads the wrapped state
+    (keys ``module.…``), so the network's own load_state_dict is not the entry point."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+def test_resume_through_a_wrapper_restores_ranks_and_steps_before_the_optimizer_state(small_unet, encoders):
+    """sd-scripts' order on --resume: network created at r_init, optimizer built over its parameters, then
+    accelerate's load_state: the (wrapped) network's state first, the optimizer's next."""
+    net = make(small_unet, encoders, dim=8, r_max=16, resize_every=2, rank_block=1)
+    fresh = make(small_unet, encoders, dim=8, r_max=16, resize_every=2, rank_block=1)
+    try:
+        net.apply_to(encoders, small_unet)
+        groups, _ = net.prepare_optimizer_params(None, 1e-3, 1e-3)
+        opt = torch.optim.AdamW(groups, lr=1e-3)
+        for step in range(3):
+            if step == 1:  # ragged ranks, in place as sd-scripts' optimizer needs; its state follows
+                for i, layer in enumerate(net.layers.values()):
+                    layer.rho.data.fill_(layer._rho_for_rank([3, 8, 13, 1][i % 4]))
+                    layer.resize([3, 8, 13, 1][i % 4], opt, in_place=True)
+            opt.zero_grad()
+            loss_of(small_unet, net, seed=step).backward()
+            opt.step()
+        assert net.steps == 3 and int(net.lora2_steps) == 3 and len(set(net.ranks().values())) > 1
+        state, opt_state = _Wrapped(net).state_dict(), opt.state_dict()
+        assert "module.lora2_steps" in state
+
+        groups2, _ = fresh.prepare_optimizer_params(None, 1e-3, 1e-3)
+        opt2 = torch.optim.AdamW(groups2, lr=1e-3)
+        params = [id(p) for p in fresh.parameters()]
+        _Wrapped(fresh).load_state_dict(state)
+        assert fresh.ranks() == net.ranks() and fresh.steps == 3
+        opt2.load_state_dict(opt_state)
+        assert [id(p) for p in fresh.parameters()] == params
+        for k in net.layers:
+            a, b = net.layers[k], fresh.layers[k]
+            assert torch.equal(a.lora_down, b.lora_down) and torch.equal(a.rho, b.rho)
+            assert torch.equal(opt.state[a.lora_up]["exp_avg_sq"], opt2.state[b.lora_up]["exp_avg_sq"])
+        # the next step and the re-allocation after it (step 4) are the same on both
+        fresh.apply_to(encoders, small_unet)  # the same U-Net: patch it with the resumed network
+        opt2.zero_grad()
+        loss_of(small_unet, fresh, seed=3).backward()
+        opt2.step()
+        assert fresh.steps == 4
+        # state from before the step count was kept still loads (count left as is)
+        legacy = {k: v for k, v in fresh.state_dict().items() if k != "lora2_steps"}
+        fresh.load_state_dict(legacy)
+        assert fresh.steps == 4
+    finally:
+        net.close()
+        fresh.close()

@@ -27,7 +27,26 @@ def test_inputs_cover_the_paper_hyperparameters_and_presets(train_mod):
     assert req["backend"][0] == ["embedded", "sd-scripts"]
     assert {"images", "captions", "sd_scripts_path", "python_path", "base_checkpoint", "resume_from"} <= set(opt)
     assert spec["hidden"] == {"unique_id": "UNIQUE_ID"}
-    assert train_mod.TrainLoRA2.RETURN_TYPES == ("MODEL", "CLIP", "LORA2", "LORA2_HISTORY")
+    assert train_mod.TrainLoRA2.RETURN_TYPES == ("MODEL", "CLIP", "LORA2", "LORA2_HISTORY", "IMAGE")
+    assert train_mod.TrainLoRA2.RETURN_NAMES[-1] == "samples"
+    assert {"num_processes", "sample_prompts", "sample_every_n_steps", "sample_sampler"} <= set(opt)
+    from lora2_train.kohya.launch import SAMPLERS
+    assert sorted(opt["sample_sampler"][0]) == sorted(SAMPLERS)
+
+
+def test_sample_files_become_one_image_batch(train_mod, tmp_path):
+    """sd-scripts' sample PNGs → IMAGE (B, H, W, 3); other sizes are resized to the first; none → one black
+    64×64 placeholder (the embedded backend draws no samples)."""
+    from PIL import Image
+
+    empty = train_mod.images_tensor([])
+    assert empty.shape == (1, 64, 64, 3) and empty.abs().sum() == 0
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("RGB", (48, 32), (255, 0, 0)).save(a)
+    Image.new("RGB", (24, 16), (0, 0, 255)).save(b)
+    batch = train_mod.images_tensor([a, b])
+    assert batch.shape == (2, 32, 48, 3) and batch.dtype == torch.float32
+    assert batch[0, ..., 0].min() == 1.0 and batch[1, ..., 2].min() == 1.0 and batch[1, ..., 0].max() == 0.0
 
 
 def test_image_batch_becomes_an_image_folder_with_captions(train_mod, tmp_path):

@@ -236,15 +236,19 @@ def check_state_dir(folder) -> Path:
     return path.resolve()
 
 
-def write_sample_prompts(path: Path, prompts) -> Path:
-    """sd-scripts' prompt file: one prompt per line (its options such as ``--w 1024 --h 1024 --s 28 --d 1``
-    may follow the prompt on the line); empty lines and ``#`` comments are dropped."""
+def sample_prompt_lines(prompts) -> list[str]:
+    """Prompt lines of sd-scripts' prompt file: one prompt per line (its options such as ``--w 1024 --h 1024
+    --s 28 --d 1`` may follow the prompt on the line); empty lines and ``#`` comments are dropped."""
     if isinstance(prompts, str):
         prompts = prompts.splitlines()
-    lines = [p.strip() for p in prompts if p.strip() and not p.strip().startswith("#")]
+    lines = [p.strip() for p in prompts or () if p.strip() and not p.strip().startswith("#")]
     if not lines:
         raise ValueError("sample_prompts: no prompt (one per line)")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return lines
+
+
+def write_sample_prompts(path: Path, prompts) -> Path:
+    path.write_text("\n".join(sample_prompt_lines(prompts)) + "\n", encoding="utf-8")
     return path
 
 
@@ -351,6 +355,8 @@ def train_sd_scripts(sd_scripts_dir, base_checkpoint, dataset_dir, output_dir, o
         raise ValueError(f"sample_every must be a non-negative integer, got {sample_every!r}")
     if resume_from:
         resume_from = check_state_dir(resume_from)
+    if sample_every:
+        sample_prompt_lines(sample_prompts)
     target = output_path(output_dir, output_name)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target}: already exists (pass overwrite to replace it)")
