@@ -507,3 +507,61 @@ def test_resume_through_a_wrapper_restores_ranks_and_steps_before_the_optimizer_
     finally:
         net.close()
         fresh.close()
+
+
+class _StateAccelerator(_Accelerator):
+    """accelerate's Accelerator as the extension uses it on a stop: main process, save_state, barrier."""
+    is_main_process = True
+
+    def __init__(self):
+        self.saved, self.barriers = [], 0
+
+    def save_state(self, folder):
+        import os
+        os.makedirs(folder)
+        with open(os.path.join(folder, "train_state.json"), "w") as f:  # sd-scripts' hook: its counter + 1
+            json.dump({"current_epoch": 1, "current_step": 99}, f)
+        self.saved.append(folder)
+
+    def wait_for_everyone(self):
+        self.barriers += 1
+
+
+def test_stop_request_and_end_of_a_resumed_run_save_at_the_start_of_a_step(tmp_path, small_unet, encoders, capsys):
+    from lora2_train.kohya.launch import STATE_PREFIX, parse_saved_line
+    from lora2_train.kohya.train import make_trainer_class
+
+    trainer = make_trainer_class(_TrainerBase)()
+    args = _args(tmp_path, network_args=["resize_every=2"], max_train_steps=6, save_state_on_train_end=True,
+                 save_state=False)
+    net = make(small_unet, encoders, dim=8, resize_every=2)
+    acc = _StateAccelerator()
+    try:
+        net.apply_to(encoders, small_unet)
+        groups, _ = net.prepare_optimizer_params(None, 1e-3, 1e-3)
+        opt = torch.optim.AdamW(groups, lr=1e-3)
+        batch = unet_inputs(small_unet, batch=1)
+        call = (batch, encoders, small_unet, net, None, None, None, None, acc, args, None, None)
+        for _ in range(3):
+            trainer.process_batch(*call).backward()
+            opt.step()
+            opt.zero_grad()
+        trainer.stop_requested = True
+        with pytest.raises(SystemExit) as info:
+            trainer.process_batch(*call)
+        assert info.value.code == 143 and acc.barriers == 1
+        assert (tmp_path / "x-step00000003.safetensors").is_file()
+        state = tmp_path / "x-step00000003-state"
+        assert acc.saved == [str(state)]
+        assert json.loads((state / "train_state.json").read_text())["current_step"] == 3  # the optimizer steps
+        lines = capsys.readouterr().out.splitlines()
+        assert parse_saved_line(next(l for l in lines if STATE_PREFIX in l), STATE_PREFIX)["step"] == 3
+        # a resumed run that sd-scripts would carry past max_train_steps ends there with the final adapter
+        trainer.stop_requested = False
+        net.steps = 6
+        with pytest.raises(SystemExit) as info:
+            trainer.process_batch(*call)
+        assert info.value.code == 0
+        assert (tmp_path / "x.safetensors").is_file() and acc.saved[-1] == str(tmp_path / "x-state")
+    finally:
+        net.close()

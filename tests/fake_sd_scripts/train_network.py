@@ -111,6 +111,7 @@ class NetworkTrainer:
             weights = [p.detach().double() for p in net.weight_parameters()]
             with open(os.path.join(report, f"rank{rank}.json"), "w") as f:
                 json.dump({"ranks": net.ranks(), "steps": net.steps, "nus": net.nus(), "first_loss": first_loss,
+                           "prepared_as": type(network).__name__, "processes": accelerator.num_processes,
                            "weights": [float(w.sum()) for w in weights],
                            "weight_norms": [float(w.norm()) for w in weights]}, f)
         if accelerator.is_main_process and (getattr(args, "save_state", False)
