@@ -39,6 +39,76 @@ def is_main_process() -> bool:
     return world()[0] == 0
 
 
+def init_from_env() -> tuple[int, int]:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1 in the environment): NCCL when CUDA
+    is available, gloo otherwise.  Returns (rank, world size); (0, 1) outside torchrun."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return world()
+
+
+#: elements per all-reduce when gradients are averaged (one flat buffer per bucket)
+BUCKET_NUMEL = 1 << 25
+
+
+@torch.no_grad()
+def average_gradients(params) -> None:
+    """Mean of every parameter's gradient over the processes, in place (a missing gradient counts as
+    zero and is created), in a few flat all-reduces.  No-op in a single process."""
+    rank, size = world()
+    if size == 1:
+        return
+    import torch.distributed as dist
+
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    bucket, numel = [], 0
+    for i, p in enumerate(params):
+        bucket.append(p)
+        numel += p.numel()
+        if numel >= BUCKET_NUMEL or i == len(params) - 1:
+            by_dtype = {}
+            for q in bucket:
+                by_dtype.setdefault((q.grad.dtype, q.grad.device), []).append(q)
+            for group in by_dtype.values():
+                flat = torch.cat([q.grad.reshape(-1) for q in group])
+                dist.all_reduce(flat)
+                flat /= size
+                offset = 0
+                for q in group:
+                    q.grad.copy_(flat[offset:offset + q.numel()].view_as(q.grad))
+                    offset += q.numel()
+            bucket, numel = [], 0
+
+
+def barrier() -> None:
+    """Wait for every process (no-op in a single process)."""
+    if world()[1] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def gather_objects(obj) -> list:
+    """[obj of process 0, obj of process 1, …] on every process; [obj] in a single process."""
+    rank, size = world()
+    if size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _collective_device() -> torch.device:
     import torch.distributed as dist
 
