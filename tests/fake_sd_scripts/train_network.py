@@ -36,6 +36,22 @@ class NetworkTrainer:
             if param.grad is not None:
                 param.grad = accelerator.reduce(param.grad, reduction="mean")
 
+    @staticmethod
+    def write_samples(args, step):
+        """One PNG per prompt line where sd-scripts writes them: <output_dir>/sample/<name>_<step>_<i>_<time>.png,
+        sized by the line's --w/--h (default 64), grey level from the step."""
+        from PIL import Image
+
+        folder = os.path.join(args.output_dir, "sample")
+        os.makedirs(folder, exist_ok=True)
+        with open(args.sample_prompts, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+        for i, line in enumerate(lines):
+            words = line.split()
+            size = [int(words[words.index(k) + 1]) if k in words else 64 for k in ("--w", "--h")]
+            name = f"{args.output_name}_{step:06d}_{i:02d}_{time.strftime('%Y%m%d%H%M%S')}.png"
+            Image.new("RGB", tuple(size), (10 * step, 0, 0)).save(os.path.join(folder, name))
+
     def train(self, args):
         set_seed(args.seed)
         self.assert_extra_args(args, None, None)
@@ -99,6 +115,9 @@ class NetworkTrainer:
                 optimizer.zero_grad(set_to_none=True)
             global_step += 1
             time.sleep(pause)
+            if getattr(args, "sample_prompts", None) and getattr(args, "sample_every_n_steps", None) \
+                    and global_step % args.sample_every_n_steps == 0 and accelerator.is_main_process:
+                self.write_samples(args, global_step)
             every = getattr(args, "save_every_n_steps", None)
             if every and global_step % every == 0 and global_step < args.max_train_steps:
                 accelerator.wait_for_everyone()
