@@ -495,7 +495,8 @@ def test_resume_through_a_wrapper_restores_ranks_and_steps_before_the_optimizer_
             assert torch.equal(a.lora_down, b.lora_down) and torch.equal(a.rho, b.rho)
             assert torch.equal(opt.state[a.lora_up]["exp_avg_sq"], opt2.state[b.lora_up]["exp_avg_sq"])
         # the next step and the re-allocation after it (step 4) are the same on both
-        fresh.apply_to(encoders, small_unet)  # the same U-Net: patch it with the resumed network
+        net.close()  # the same U-Net: unpatch it, then patch it with the resumed network
+        fresh.apply_to(encoders, small_unet)
         opt2.zero_grad()
         loss_of(small_unet, fresh, seed=3).backward()
         opt2.step()
@@ -505,8 +506,8 @@ def test_resume_through_a_wrapper_restores_ranks_and_steps_before_the_optimizer_
         fresh.load_state_dict(legacy)
         assert fresh.steps == 4
     finally:
-        net.close()
         fresh.close()
+        net.close()
 
 
 class _StateAccelerator(_Accelerator):
