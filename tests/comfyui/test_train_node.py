@@ -36,17 +36,17 @@ SD_SCRIPT = Path(__file__).with_name("train_node_sd_scripts_inprocess.py")
 
 
 def test_sd_scripts_backend_samples_cancel_and_resume(comfyui_dir, tmp_path):
-    """The node's sd-scripts path against the stand-in checkout: sample images come back as one IMAGE batch,
-    Cancel leaves a state folder the message names, and resume_from that folder finishes the run."""
+    """The node's sd-scripts path against the stand-in checkout: Cancel leaves a state folder the message names,
+    resume_from that folder finishes the run, and its sample images come back as one IMAGE batch."""
     r = subprocess.run([sys.executable, str(SD_SCRIPT), str(comfyui_dir), str(tmp_path)], capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     f = json.loads(r.stdout.strip().splitlines()[-1])
-    assert f["history_steps"] and f["history_steps"][-1] == 4 and len(set(f["ranks"].values())) > 1
-    assert [s[:12] for s in f["samples"]] == ["sd_000002_00", "sd_000002_01", "sd_000004_00", "sd_000004_01"]
-    assert f["batch_shape"] == [4, 48, 64, 3]  # the 64×64 prompt resized to the first image's size
     assert f["interrupted"] and f["flag_cleared"]
     assert "cancelled" in f["note"] and f["state"].endswith("-state") and "cut-step0000000" in f["state"]
     stopped = int(f["state"].rsplit("step", 1)[1].split("-")[0])
     assert f["resumed_steps"] == list(range(stopped + 1, 5)) and f["resumed_history_steps"][-1] == 4
     assert f["resumed_final"] and f["resumed_ranks_moved"]
+    # the samples of the resumed run (step 4), in prompt order, as one batch
+    assert [s[:13] for s in f["samples"]] == ["cut_000004_00", "cut_000004_01"]
+    assert f["batch_shape"] == [2, 48, 64, 3]  # the 64×64 prompt resized to the first image's size

@@ -2,8 +2,8 @@
 the sd-scripts stand-in tests/fake_sd_scripts (this Python as sd-scripts' Python).
 
 usage: python train_node_sd_scripts_inprocess.py COMFYUI_DIR WORK_DIR
-Trains 4 steps with two sample prompts every 2 steps, cancels a second run after step 2 and resumes it from the
-state folder the Cancel left, and prints one JSON line of findings.
+Trains with two sample prompts every 2 of 4 steps, cancels after step 2, resumes from the state folder the Cancel
+left, and prints one JSON line of findings.
 """
 import json
 import os
@@ -58,9 +58,7 @@ def train(name, run, **kw):
                                   sys.executable, "sdxl.safetensors", run, **kw)
 
 
-adapter, history, samples = train("sd", train_mod._Run("1", 4), sample_prompts="a dog --w 64 --h 48\n\na cat\n",
-                                  sample_every=2)
-batch = train_mod.images_tensor(samples)
+PROMPTS = dict(sample_prompts="a dog --w 64 --h 48\n\na cat\n", sample_every=2)
 
 
 class Cancel(train_mod._Run):
@@ -72,10 +70,10 @@ class Cancel(train_mod._Run):
 
 messages = []
 logging.getLogger().addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: messages.append(r.getMessage())})())
-os.environ["FAKE_SD_STEP_SLEEP"] = "0.5"
+os.environ["FAKE_SD_STEP_SLEEP"] = "0.3"
 interrupted = False
 try:
-    train("cut", Cancel("2", 4))
+    train("cut", Cancel("2", 4), **PROMPTS)
 except mm.InterruptProcessingException:
     interrupted = True
 os.environ["FAKE_SD_STEP_SLEEP"] = "0"
@@ -91,10 +89,11 @@ class Steps(train_mod._Run):
         self.seen.append(ev.step)
 
 
-resumed, resumed_history, _ = train("cut", Steps("3", 4), resume_from=state) if state else (None, [], [])
+resumed, resumed_history, samples = train("cut", Steps("3", 4), resume_from=state, **PROMPTS) if state else \
+    (None, [], [])
+batch = train_mod.images_tensor(samples)
 
 print(json.dumps({
-    "ranks": adapter.ranks(), "history_steps": [h["step"] for h in history],
     "samples": [os.path.basename(p) for p in samples], "batch_shape": list(batch.shape),
     "interrupted": interrupted, "flag_cleared": not mm.processing_interrupted(), "note": note, "state": state,
     "resumed_steps": Steps.seen, "resumed_history_steps": [h["step"] for h in resumed_history],
