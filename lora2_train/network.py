@@ -157,13 +157,19 @@ class LoRA2Network(nn.Module):
     def nus(self) -> dict[str, float]:
         return {k: float(l.nu().detach()) for k, l in self.layers.items()}
 
+    def target_ranks(self) -> dict[str, int]:
+        """The rank every component would be re-allocated at now: D(ν) rounded up to the block, within
+        ``config.max_params`` (:meth:`budget_ranks`)."""
+        return self.budget_ranks({k: layer.target_rank() for k, layer in self.layers.items()})
+
     @torch.no_grad()
-    def resize(self, optimizer: torch.optim.Optimizer | None = None,
-               in_place: bool = False) -> dict[str, tuple[int, int]]:
-        """Re-allocate every component at its current D(ν) (rounded to the block); returns changes.
+    def resize(self, optimizer: torch.optim.Optimizer | None = None, in_place: bool = False,
+               targets: dict[str, int] | None = None) -> dict[str, tuple[int, int]]:
+        """Re-allocate every component at its current D(ν) (rounded to the block), or at ``targets``
+        (from :meth:`target_ranks`); returns changes.
 
         ``in_place`` keeps the Parameter objects (see :meth:`AdaptiveLoRA.resize`)."""
-        targets = self.budget_ranks({k: layer.target_rank() for k, layer in self.layers.items()})
+        targets = self.target_ranks() if targets is None else targets
         changed = {}
         # shrink first, then grow: the parameters in memory never exceed the larger of both allocations
         for k in sorted(targets, key=lambda k: targets[k] - self.layers[k].rank):

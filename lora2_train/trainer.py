@@ -18,6 +18,17 @@ accumulation gives the step one batch of that size would.  The error is taken
 against ε or v (``prediction_type``), optionally min-SNR weighted and
 pseudo-Huber; the gradient norm is clipped at ``max_grad_norm`` and the
 learning rates follow ``lr_scheduler`` (see :mod:`lora2_train.lr_schedule`).
+
+Several processes (``torchrun --nproc_per_node N``; call
+:func:`lora2_train.distributed.init_from_env` first, give each process its
+device): every process draws its own batches (data seed = run seed on process
+0, derived from it elsewhere), the gradients of the network are averaged over
+the processes after each step's backward passes (one flat all-reduce per bucket, as
+sd-scripts does; the network is not called as a module, so DDP's own hooks
+would not fire), every re-allocation checks that all processes agree
+(:func:`lora2_train.distributed.check_in_sync`), a stop request or a non-finite
+loss on any process stops all of them at the same step, and only process 0
+reports progress and writes checkpoints (with every process's data RNG).
 """
 from __future__ import annotations
 
@@ -29,6 +40,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import distributed as D
 from .config import LoRA2Config
 from .format import atomic_write_bytes
 from .network import LoRA2Network
@@ -119,7 +131,8 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.callback, self.should_stop = callback, should_stop
         self.device = torch.device(device)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.rank, self.world_size = D.world()
+        self.generator = torch.Generator().manual_seed(self._data_seed())
         self.step = 0
         self.history: list[dict] = []
         self.optimizer = self._make_optimizer()
@@ -138,6 +151,10 @@ class Trainer:
             enable()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16"
                                            and self.device.type == "cuda")
+
+    def _data_seed(self) -> int:
+        """The run seed on process 0 (a single-process run is unchanged); another seed per other process."""
+        return self.config.seed if self.rank == 0 else (self.config.seed * 1_000_003 + 7919 * self.rank) % 2 ** 63
 
     def _make_optimizer(self):
         """``config.optimizer`` over the network's groups (:func:`lora2_train.optim.build_optimizer`;
@@ -162,10 +179,18 @@ class Trainer:
     def checkpoint_path(self) -> Path | None:
         return self.out_dir / "checkpoint.pt" if self.out_dir is not None else None
 
-    def save_checkpoint(self, path: str | Path | None = None) -> Path:
+    def save_checkpoint(self, path: str | Path | None = None, gather: bool = True) -> Path | None:
+        """Write the checkpoint (process 0 only; with several processes every process must call this,
+        unless ``gather=False``: then process 0 writes its own data RNG only, and the others restart theirs
+        from their seed on resume).  Returns the path (None on other processes)."""
         path = Path(path) if path is not None else self.checkpoint_path
         if path is None:
             raise ValueError("no out_dir: cannot save a checkpoint")
+        rng_data = D.gather_objects(self.generator.get_state()) if gather else [self.generator.get_state()]
+        if self.rank != 0:
+            if gather:
+                D.barrier()  # returns once process 0 has written the file
+            return None
         state = {
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
@@ -175,12 +200,16 @@ class Trainer:
             "scaler": self.scaler.state_dict(),  # fp16 loss scale and its growth count ({} when unused)
             "rng_torch": torch.get_rng_state(),
             "rng_data": self.generator.get_state(),
+            "rng_data_processes": rng_data,
             "history": json.dumps(self.history),
         }
         import io
         buf = io.BytesIO()
         torch.save(state, buf)
-        return atomic_write_bytes(path, buf.getvalue(), overwrite=True)
+        written = atomic_write_bytes(path, buf.getvalue(), overwrite=True)
+        if gather:
+            D.barrier()
+        return written
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Resume: ν, weights (at their saved ranks), optimizer state, fp16 loss scale, step, RNG and rank history."""
@@ -207,7 +236,11 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         torch.set_rng_state(state["rng_torch"])
-        self.generator.set_state(state["rng_data"])
+        per_process = state.get("rng_data_processes") or [state["rng_data"]]
+        if self.rank < len(per_process) and len(per_process) in (1, self.world_size):
+            self.generator.set_state(per_process[self.rank])
+        else:  # saved by another number of processes: this one starts its data stream from its seed
+            self.generator.manual_seed(self._data_seed() + self.step)
         self.history = json.loads(state["history"])
 
     # ---- one step ----------------------------------------------------------------------------
@@ -260,13 +293,16 @@ class Trainer:
                 self.entropy.reset(keep_subsets=i > 0)  # one query subset per layer and optimizer step
             total, mse, reg, ent = self._losses(x0[part], x_t[part], t[part], noise[part],
                                                 {name: v[part] for name, v in cond.items()})
-            if not torch.isfinite(total):
+            finite = bool(torch.isfinite(total))
+            if not (D.all_true(finite) if self.world_size > 1 else finite):  # every process stops together
                 where = f"; last good checkpoint: {self.checkpoint_path}" if self._has_checkpoint() else ""
+                what = f"loss became {total.item()}" if not finite else "the loss of another process became NaN/Inf"
                 raise TrainingDiverged(
-                    f"loss became {total.item()} at step {self.step + 1} (mse={mse.item():.4g}, "
+                    f"{what} at step {self.step + 1} (mse={mse.item():.4g}, "
                     f"reg={reg.item():.4g}, entropy={ent.item():.4g}); training stopped{where}")
             self.scaler.scale(total / k if k > 1 else total).backward()
             sums += torch.tensor([total.item(), mse.item(), reg.item(), ent.item()], dtype=torch.float64)
+        D.average_gradients(self.network.parameters())  # a no-op on one process
         grad_norm = float("nan")
         if c.max_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
@@ -287,31 +323,34 @@ class Trainer:
         self.network.train()
         try:
             while self.step < c.steps:
-                if self.should_stop is not None and self.should_stop():
+                stop = self.should_stop is not None and self.should_stop()
+                if D.any_true(stop) if self.world_size > 1 else stop:  # every process stops at the same step
                     stopped = True
                     break
                 lr = self._set_lr()
                 (total, mse, reg, ent), grad_norm = self._optimizer_step()
                 self.step += 1
-                if c.save_every_n_steps and self.on_save is not None and self.step % c.save_every_n_steps == 0 \
-                        and self.step < c.steps:  # the last step's adapter is the run's own file
+                if c.save_every_n_steps and self.on_save is not None and self.rank == 0 \
+                        and self.step % c.save_every_n_steps == 0 and self.step < c.steps:  # the last step's adapter is the run's own file
                     self.on_save(self.step)
                 resized = {}
                 # no re-allocation after the last step: the saved adapter is the one that gave the last loss
                 if self.step % c.resize_every == 0 and self.step < c.steps:
-                    resized = self.network.resize(self.optimizer)
+                    targets = self.network.target_ranks()
+                    D.check_in_sync(self.network, self.step, targets)
+                    resized = self.network.resize(self.optimizer, targets=targets)
                 if self.step % c.resize_every == 0 or self.step == c.steps:
                     self.history.append({"step": self.step, "ranks": self.network.ranks()})
                 last = ProgressEvent(self.step, c.steps, total, mse, reg, ent, self.network.ranks(),
                                      self.network.num_parameters(), resized, time.perf_counter() - start_time,
                                      lr=lr, grad_norm=grad_norm)
-                if self.callback is not None:
+                if self.callback is not None and self.rank == 0:
                     self.callback(last)
                 if self.out_dir is not None and self.step % c.checkpoint_every == 0:
                     self.save_checkpoint()
         except KeyboardInterrupt:
             if self.out_dir is not None:
-                self.save_checkpoint()
+                self.save_checkpoint(gather=False)  # other processes may be anywhere: no collective here
             raise
         finally:
             self.close()

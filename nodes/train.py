@@ -9,6 +9,11 @@ dataset nodes — then ``lora2_train.trainer.Trainer`` runs L_MSE + λ_r·L_reg 
 type (ε or v) and discrete noise schedule of the model's ``model_sampling``.
 The base weights are never written; the result is applied through ModelPatcher
 patches.  Other models are unloaded through ComfyUI's model management first.
+
+sd-scripts backend: ``lora2_train.kohya.launch.train_sd_scripts`` in a
+subprocess (``num_processes`` > 1: ``accelerate launch --multi_gpu``), with
+sample prompts every N steps (returned as the ``samples`` IMAGE) and
+sd-scripts' training state kept on Cancel and at the end (``resume_from``).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import time
 
 from . import _pack  # noqa: F401  (puts lora2_train on sys.path inside ComfyUI)
 from . import _comfy
@@ -23,6 +29,13 @@ from . import _comfy
 NONE = "(none)"
 BACKENDS = ("embedded", "sd-scripts")
 PRECISIONS = ("bf16", "fp16", "no")
+#: sd-scripts' sample samplers (lora2_train.kohya.launch.SAMPLERS; kept here so the node lists them without
+#: importing the launcher at ComfyUI start)
+SAMPLERS = ("euler_a", "euler", "ddim", "pndm", "lms", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
+            "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")
+#: the `samples` output when there are none (embedded backend, no prompts, nothing written): one black 64×64
+#: image, which every IMAGE consumer accepts (an empty batch breaks Preview/Save Image)
+PLACEHOLDER_SIZE = 64
 
 
 def _checkpoint_names() -> list[str]:
@@ -57,8 +70,8 @@ LIST_INPUTS = ("images", "captions", "latents", "positive")
 
 class TrainLoRA2:
     CATEGORY = "LoRA²"
-    RETURN_TYPES = ("MODEL", "CLIP", "LORA2", "LORA2_HISTORY", "STRING")
-    RETURN_NAMES = ("model", "clip", "lora2", "rank_history", "info")
+    RETURN_TYPES = ("MODEL", "CLIP", "LORA2", "LORA2_HISTORY", "STRING", "IMAGE")
+    RETURN_NAMES = ("model", "clip", "lora2", "rank_history", "info", "samples")
     FUNCTION = "run"
     OUTPUT_NODE = True
     # image / text / latent lists of ComfyUI's dataset nodes arrive whole, in one call
@@ -104,8 +117,17 @@ class TrainLoRA2:
                 "sd_scripts_path": ("STRING", {"default": ""}),
                 "python_path": ("STRING", {"default": ""}),
                 "base_checkpoint": ([NONE] + _checkpoint_names(), {"default": NONE}),
-                "resume_from": ("STRING", {"default": "", "tooltip": "checkpoint.pt of an earlier run "
-                                           "(embedded backend)"}),
+                "resume_from": ("STRING", {"default": "", "tooltip": "embedded: checkpoint.pt of an earlier run; "
+                                           "sd-scripts: its state folder (<name>-step<N>-state beside the "
+                                           "adapter, written on Cancel, or <name>-state at the end)"}),
+                "num_processes": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "sd-scripts: one training "
+                                          "process per GPU (accelerate launch --multi_gpu)"}),
+                "sample_prompts": ("STRING", {"default": "", "multiline": True, "tooltip": "sd-scripts: one prompt "
+                                              "per line (sd-scripts options such as --w 1024 --h 1024 --s 28 --d 1 "
+                                              "may follow); images are returned as `samples`"}),
+                "sample_every_n_steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "sd-scripts: "
+                                                 "sample every N steps (0: no samples)"}),
+                "sample_sampler": (list(SAMPLERS), {"default": "euler_a"}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "recompute UNet blocks in the "
                                                        "backward pass: far less memory, about 30% more time"}),
                 "optimizer": (_optimizers(), {"default": "adamw", "tooltip": "adamw8bit needs bitsandbytes, "
@@ -176,6 +198,7 @@ class TrainLoRA2:
               gradient_accumulation_steps=1, max_grad_norm=1.0, lr_scheduler="constant", lr_warmup_steps=0,
               min_snr_gamma=0.0, noise_offset=0.0, loss_type="mse", huber_c=0.1, save_every_n_steps=0,
               aspect_buckets=True, min_bucket_reso=256, max_bucket_reso=2048, latents=None, positive=None,
+              num_processes=1, sample_prompts="", sample_every_n_steps=0, sample_sampler="euler_a",
               unique_id=None):
         import folder_paths
 
@@ -219,16 +242,21 @@ class TrainLoRA2:
             buckets = bucket_sizes(int(resolution), int(min_bucket_reso), int(max_bucket_reso))
         lora_dir = folder_paths.get_folder_paths("loras")[0]
         out = free_path(lora_dir, output_name)  # a taken name gets _2, _3 …: queuing a run twice never fails
+        if backend == "embedded" and (int(num_processes) != 1 or int(sample_every_n_steps) > 0):
+            raise ValueError("num_processes > 1 and sample images need backend sd-scripts (the embedded backend "
+                             "trains in one process and draws no samples)")
         run = _Run(unique_id, config.steps)
+        samples = []
         if backend == "sd-scripts":
             from lora2_train.kohya.launch import cache_options, precision_options
 
             extra = precision_options(bool(fp8_base), bool(full_bf16))
             if use_preset:
                 extra.update(cache_options(config))
-            adapter, history = self._train_sd_scripts(config, out, dataset_path, images, captions, instance_prompt,
-                                                      resolution, sd_scripts_path, python_path, base_checkpoint,
-                                                      run, extra)
+            adapter, history, samples = self._train_sd_scripts(
+                config, out, dataset_path, images, captions, instance_prompt, resolution, sd_scripts_path,
+                python_path, base_checkpoint, run, extra, resume_from=resume_from, num_processes=int(num_processes),
+                sample_prompts=sample_prompts, sample_every=int(sample_every_n_steps), sample_sampler=sample_sampler)
         else:
             adapter, history = self._train_embedded(model, clip, vae, config, out, dataset_path, images,
                                                     captions, instance_prompt, resolution, resume_from, run,
@@ -242,7 +270,7 @@ class TrainLoRA2:
         run.send(status="done", saved=out.name, ranks_by_block=_block_means(ranks), message=info,
                  **run.memory())
         return {"ui": {"lora2_saved": [out.name], "text": [info]},
-                "result": (model_out, clip_out, adapter, history, info)}
+                "result": (model_out, clip_out, adapter, history, info, images_tensor(samples))}
 
     # ---------------------------------------------------------------------------------------------
     def _examples(self, dataset_path, images, captions, instance_prompt, resolution, buckets=None):
@@ -399,7 +427,8 @@ class TrainLoRA2:
 
     # ---------------------------------------------------------------------------------------------
     def _train_sd_scripts(self, config, out, dataset_path, images, captions, instance_prompt, resolution,
-                          sd_scripts_path, python_path, base_checkpoint, run, extra_options=None):
+                          sd_scripts_path, python_path, base_checkpoint, run, extra_options=None, resume_from="",
+                          num_processes=1, sample_prompts="", sample_every=0, sample_sampler="euler_a"):
         import comfy.model_management as mm
         import folder_paths
 
@@ -410,9 +439,15 @@ class TrainLoRA2:
         ckpt = folder_paths.get_full_path("checkpoints", base_checkpoint)
         if ckpt is None:
             raise FileNotFoundError(f"base_checkpoint {base_checkpoint!r} not found in ComfyUI's checkpoints folders")
-        from lora2_train.kohya.launch import TrainingCancelled, check_sd_scripts, train_sd_scripts
+        from lora2_train.kohya.launch import (TrainingCancelled, check_sd_scripts, check_state_dir,
+                                              sample_images, sample_prompt_lines, train_sd_scripts)
 
         check_sd_scripts(sd_scripts_path)  # one line naming the folder when it is not a usable checkout
+        if resume_from:
+            check_state_dir(resume_from)
+        if sample_every > 0:
+            sample_prompt_lines(sample_prompts)  # one line when there is no prompt
+        started = time.time()
 
         with tempfile.TemporaryDirectory(prefix="lora2_data_") as tmp:
             folder = dataset_path
@@ -434,17 +469,23 @@ class TrainLoRA2:
                                         python=python_path or None, callback=callback,
                                         should_stop=mm.processing_interrupted,
                                         save_every=config.save_every_n_steps or None,
-                                        extra_options={**_sd_scripts_options(config), **(extra_options or {})})
+                                        extra_options={**_sd_scripts_options(config), **(extra_options or {})},
+                                        num_processes=num_processes,
+                                        sample_prompts=sample_prompts if sample_every > 0 else None,
+                                        sample_every=sample_every or None, sample_sampler=sample_sampler,
+                                        resume_from=resume_from or None, save_state=True)
             except TrainingCancelled as e:
                 msg = f"Train LoRA² (sd-scripts): cancelled; {e}"
+                if e.state is not None:
+                    msg += f" (set resume_from to {e.state} to continue)"
                 logging.warning(msg)
-                run.send(status="interrupted", message=msg)
+                run.send(status="interrupted", message=msg, checkpoint=str(e.state) if e.state else None)
                 mm.throw_exception_if_processing_interrupted()
                 raise mm.InterruptProcessingException() from None
         adapter = load_adapter(path)
         if not history:
             history.append({"step": config.steps, "ranks": adapter.ranks(), "loss": float("nan")})
-        return adapter, history
+        return adapter, history, sample_images(out.parent, out.stem, since=started)
 
 
 # ---- helpers (ComfyUI glue only) -----------------------------------------------------------------
@@ -530,6 +571,26 @@ class _Run:
         self.send(status="running", step=ev.step, loss=ev.loss, mse=ev.mse, reg=ev.reg, entropy=ev.entropy,
                   num_params=ev.num_params, elapsed=ev.elapsed, ranks_by_block=_block_means(ev.ranks), lr=ev.lr,
                   **self.memory())
+
+
+def images_tensor(paths, size: int = PLACEHOLDER_SIZE):
+    """Image files → one ComfyUI IMAGE batch (B, H, W, 3) in [0, 1]; images of another size than the first
+    are resized to it (sd-scripts prompts may ask for different sizes); no file → one black placeholder."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    if not paths:
+        return torch.zeros(1, size, size, 3)
+    frames, first = [], None
+    for p in paths:
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            first = first or im.size
+            if im.size != first:
+                im = im.resize(first, Image.BICUBIC)
+            frames.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0))
+    return torch.stack(frames)
 
 
 def _block_means(ranks):

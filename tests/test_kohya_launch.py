@@ -285,3 +285,111 @@ def test_tokenizer_cache_loads_with_transformers(tmp_path):
         make_tokenizer_cache(src, tmp_path / "cache")
     with pytest.raises(FileNotFoundError, match="no vocab.json"):
         make_tokenizer_cache(tmp_path, tmp_path / "c2")
+
+
+def test_launch_commands_for_one_and_several_processes(tmp_path):
+    cfg = tmp_path / "train.toml"
+    one = launch.launch_command("py", tmp_path, cfg)
+    assert one == ["py", "-m", "lora2_train.kohya.train", "--sd_scripts", str(tmp_path), "--config_file", str(cfg)]
+    gpus = launch.launch_command("py", tmp_path, cfg, num_processes=4, mixed_precision="bf16")
+    assert gpus[:3] == ["py", "-m", "accelerate.commands.launch"] and gpus[-6:] == one[1:]
+    opts = gpus[3:-6]
+    assert "--multi_gpu" in opts and opts[opts.index("--num_processes") + 1] == "4"
+    assert opts[opts.index("--num_machines") + 1] == "1" and opts[opts.index("--mixed_precision") + 1] == "bf16"
+    assert opts[opts.index("--main_process_port") + 1] == "0"  # a free port: several runs may share a machine
+    # the accelerate launch parser accepts exactly these options and takes the module and its arguments
+    from accelerate.commands.launch import launch_command_parser
+    parsed = launch_command_parser().parse_args(gpus[3:])
+    assert parsed.multi_gpu and parsed.num_processes == 4 and parsed.module
+    assert parsed.training_script == "lora2_train.kohya.train" and parsed.training_script_args == one[3:]
+    cpu = launch.launch_command("py", tmp_path, cfg, num_processes=2, cpu=True)
+    assert cpu[:7] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+
+
+def test_samples_resume_and_state_options(tmp_path):
+    cfg = LoRA2Config(r_init=8)
+    base = (tmp_path / "c.safetensors", tmp_path / "d.toml", tmp_path, "mine", cfg, 30, 3)
+    plain = launch.training_settings(*base)
+    for key in ("sample_prompts", "sample_every_n_steps", "save_state", "save_state_on_train_end", "resume",
+                "skip_until_initial_step"):
+        assert key not in tomllib.loads(launch.to_toml(plain)), key
+    prompts = launch.write_sample_prompts(tmp_path / "p.txt", "a dog --w 512 --h 512\n\n# note\n  a cat  \n")
+    assert prompts.read_text() == "a dog --w 512 --h 512\na cat\n"
+    s = tomllib.loads(launch.to_toml(launch.training_settings(
+        *base, save_every=10, sample_prompts_file=prompts, sample_every=5, sample_sampler="k_euler",
+        resume_from=tmp_path / "mine-step00000010-state", save_state=True)))
+    assert (s["sample_prompts"], s["sample_every_n_steps"], s["sample_sampler"]) == (str(prompts), 5, "k_euler")
+    assert s["save_state_on_train_end"] is True and s["save_state"] is True  # states at every save_every too
+    assert s["resume"] == str(tmp_path / "mine-step00000010-state") and s["skip_until_initial_step"] is True
+    with pytest.raises(ValueError, match="sample_prompts: no prompt"):
+        launch.sample_prompt_lines("\n# only a comment\n")
+
+
+def test_state_folder_checks(tmp_path):
+    with pytest.raises(FileNotFoundError, match="resume_from: .*no such state folder"):
+        launch.check_state_dir(tmp_path / "none")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(ValueError, match="not an sd-scripts training state"):
+        launch.check_state_dir(tmp_path / "half")
+    (tmp_path / "half" / "optimizer.bin").write_bytes(b"x")
+    assert launch.check_state_dir(tmp_path / "half") == (tmp_path / "half").resolve()
+
+
+def test_sample_images_of_a_run_in_step_and_prompt_order(tmp_path):
+    import os
+    import time
+
+    d = tmp_path / "sample"
+    d.mkdir()
+    names = ["mine_000010_01_20250101000000_3.png", "mine_000010_00_20250101000000_3.png",
+             "mine_000002_00_20250101000000.png", "mine_e000001_00_20250101000000.png", "other_000001_00_1.png",
+             "mine_notes.png"]
+    for n in names:
+        (d / n).write_bytes(b"png")
+    old = d / "mine_000001_00_20240101000000.png"
+    old.write_bytes(b"png")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))  # an earlier run's sample
+    found = [p.name for p in launch.sample_images(tmp_path, "mine", since=time.time() - 60)]
+    assert found == ["mine_000002_00_20250101000000.png", "mine_000010_00_20250101000000_3.png",
+                     "mine_000010_01_20250101000000_3.png", "mine_e000001_00_20250101000000.png"]
+    assert launch.sample_images(tmp_path / "nothing", "mine") == []
+
+
+def test_several_processes_need_as_many_cuda_devices(tmp_path, monkeypatch):
+    checkout, data = fake_checkout(tmp_path / "sd"), dataset(tmp_path)
+    monkeypatch.setattr(launch, "cuda_device_count", lambda python, folder: 1)
+    with pytest.raises(launch.SdScriptsError, match="num_processes=2 needs 2 CUDA devices; .* sees 1"):
+        launch.train_sd_scripts(**run_args(tmp_path, checkout, data, python=fake_python(tmp_path, PROTOCOL),
+                                           num_processes=2))
+    with pytest.raises(ValueError, match="num_processes must be a positive integer"):
+        launch.train_sd_scripts(**run_args(tmp_path, checkout, data, num_processes=0))
+    with pytest.raises(ValueError, match="sample_sampler must be one of"):
+        launch.train_sd_scripts(**run_args(tmp_path, checkout, data, sample_sampler="nope"))
+    with pytest.raises(ValueError, match="sample_prompts: no prompt"):
+        launch.train_sd_scripts(**run_args(tmp_path, checkout, data, sample_prompts="", sample_every=5))
+    assert launch.cuda_device_count(sys.executable, tmp_path) >= 0
+
+
+def test_cli_train_passes_processes_samples_and_resume(tmp_path, capsys):
+    checkout, data = fake_checkout(tmp_path / "sd"), dataset(tmp_path)
+    ckpt = tmp_path / "sdxl.safetensors"
+    ckpt.write_bytes(b"x")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a sks dog --w 512 --h 512\n")
+    state = tmp_path / "cut-step00000002-state"
+    state.mkdir()
+    (state / "optimizer.bin").write_bytes(b"x")
+    (state / "model.safetensors").write_bytes(b"x")
+    rc = cli.main(["train", "--checkpoint", str(ckpt), "--dataset", str(data), "--out", str(tmp_path / "o"),
+                   "--name", "cli", "--steps", "3", "--resolution", "256", "--sd-scripts", str(checkout),
+                   "--sd-scripts-python", fake_python(tmp_path, PROTOCOL), "--sample-prompts", str(prompts),
+                   "--sample-every", "2", "--sample-sampler", "ddim", "--resume", str(state), "--save-state"])
+    assert rc == 0, capsys.readouterr().err
+    s = tomllib.loads((tmp_path / "o" / ".lora2-cli" / "train.toml").read_text())
+    assert s["sample_every_n_steps"] == 2 and s["sample_sampler"] == "ddim" and s["resume"] == str(state.resolve())
+    assert (tmp_path / "o" / ".lora2-cli" / "sample_prompts.txt").read_text() == "a sks dog --w 512 --h 512\n"
+    assert s["save_state_on_train_end"] is True
+    rc = cli.main(["train", "--checkpoint", str(ckpt), "--dataset", str(data), "--out", str(tmp_path / "o"),
+                   "--name", "cli2", "--sd-scripts", str(checkout), "--sample-prompts", str(prompts)])
+    assert rc == 1 and "--sample-prompts needs --sample-every" in capsys.readouterr().err

@@ -532,3 +532,118 @@ def test_no_reallocation_after_the_last_step_nor_at_save(tmp_path, small_unet, e
         assert torch.allclose(saved.delta_weight(), delta, atol=1e-6)
     finally:
         net.close()
+
+
+class _Wrapped(torch.nn.Module):
+    """Stands for DistributedDataParallel around the network: accelerate saves and loads the wrapped state
+    (keys ``module.…``), so the network's own load_state_dict is not the entry point."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+def test_resume_through_a_wrapper_restores_ranks_and_steps_before_the_optimizer_state(small_unet, encoders):
+    """sd-scripts' order on --resume: network created at r_init, optimizer built over its parameters, then
+    accelerate's load_state: the (wrapped) network's state first, the optimizer's next."""
+    net = make(small_unet, encoders, dim=8, r_max=16, resize_every=2, rank_block=1)
+    fresh = make(small_unet, encoders, dim=8, r_max=16, resize_every=2, rank_block=1)
+    try:
+        net.apply_to(encoders, small_unet)
+        groups, _ = net.prepare_optimizer_params(None, 1e-3, 1e-3)
+        opt = torch.optim.AdamW(groups, lr=1e-3)
+        for step in range(3):
+            if step == 1:  # ragged ranks, in place as sd-scripts' optimizer needs; its state follows
+                for i, layer in enumerate(net.layers.values()):
+                    layer.rho.data.fill_(layer._rho_for_rank([3, 8, 13, 1][i % 4]))
+                    layer.resize([3, 8, 13, 1][i % 4], opt, in_place=True)
+            opt.zero_grad()
+            loss_of(small_unet, net, seed=step).backward()
+            opt.step()
+        assert net.steps == 3 and int(net.lora2_steps) == 3 and len(set(net.ranks().values())) > 1
+        state, opt_state = _Wrapped(net).state_dict(), opt.state_dict()
+        assert "module.lora2_steps" in state
+
+        groups2, _ = fresh.prepare_optimizer_params(None, 1e-3, 1e-3)
+        opt2 = torch.optim.AdamW(groups2, lr=1e-3)
+        params = [id(p) for p in fresh.parameters()]
+        _Wrapped(fresh).load_state_dict(state)
+        assert fresh.ranks() == net.ranks() and fresh.steps == 3
+        opt2.load_state_dict(opt_state)
+        assert [id(p) for p in fresh.parameters()] == params
+        for k in net.layers:
+            a, b = net.layers[k], fresh.layers[k]
+            assert torch.equal(a.lora_down, b.lora_down) and torch.equal(a.rho, b.rho)
+            assert torch.equal(opt.state[a.lora_up]["exp_avg_sq"], opt2.state[b.lora_up]["exp_avg_sq"])
+        # the next step and the re-allocation after it (step 4) are the same on both
+        net.close()  # the same U-Net: unpatch it, then patch it with the resumed network
+        fresh.apply_to(encoders, small_unet)
+        opt2.zero_grad()
+        loss_of(small_unet, fresh, seed=3).backward()
+        opt2.step()
+        assert fresh.steps == 4
+        # state from before the step count was kept still loads (count left as is)
+        legacy = {k: v for k, v in fresh.state_dict().items() if k != "lora2_steps"}
+        fresh.load_state_dict(legacy)
+        assert fresh.steps == 4
+    finally:
+        fresh.close()
+        net.close()
+
+
+class _StateAccelerator(_Accelerator):
+    """accelerate's Accelerator as the extension uses it on a stop: main process, save_state, barrier."""
+    is_main_process = True
+
+    def __init__(self):
+        self.saved, self.barriers = [], 0
+
+    def save_state(self, folder):
+        import os
+        os.makedirs(folder)
+        with open(os.path.join(folder, "train_state.json"), "w") as f:  # sd-scripts' hook: its counter + 1
+            json.dump({"current_epoch": 1, "current_step": 99}, f)
+        self.saved.append(folder)
+
+    def wait_for_everyone(self):
+        self.barriers += 1
+
+
+def test_stop_request_and_end_of_a_resumed_run_save_at_the_start_of_a_step(tmp_path, small_unet, encoders, capsys):
+    from lora2_train.kohya.launch import STATE_PREFIX, parse_saved_line
+    from lora2_train.kohya.train import make_trainer_class
+
+    trainer = make_trainer_class(_TrainerBase)()
+    args = _args(tmp_path, network_args=["resize_every=2"], max_train_steps=6, save_state_on_train_end=True,
+                 save_state=False)
+    net = make(small_unet, encoders, dim=8, resize_every=2)
+    acc = _StateAccelerator()
+    try:
+        net.apply_to(encoders, small_unet)
+        groups, _ = net.prepare_optimizer_params(None, 1e-3, 1e-3)
+        opt = torch.optim.AdamW(groups, lr=1e-3)
+        batch = unet_inputs(small_unet, batch=1)
+        call = (batch, encoders, small_unet, net, None, None, None, None, acc, args, None, None)
+        for _ in range(3):
+            trainer.process_batch(*call).backward()
+            opt.step()
+            opt.zero_grad()
+        trainer.stop_requested = True
+        with pytest.raises(SystemExit) as info:
+            trainer.process_batch(*call)
+        assert info.value.code == 143 and acc.barriers == 1
+        assert (tmp_path / "x-step00000003.safetensors").is_file()
+        state = tmp_path / "x-step00000003-state"
+        assert acc.saved == [str(state)]
+        assert json.loads((state / "train_state.json").read_text())["current_step"] == 3  # the optimizer steps
+        lines = capsys.readouterr().out.splitlines()
+        assert parse_saved_line(next(l for l in lines if STATE_PREFIX in l), STATE_PREFIX)["step"] == 3
+        # a resumed run that sd-scripts would carry past max_train_steps ends there with the final adapter
+        trainer.stop_requested = False
+        net.steps = 6
+        with pytest.raises(SystemExit) as info:
+            trainer.process_batch(*call)
+        assert info.value.code == 0
+        assert (tmp_path / "x.safetensors").is_file() and acc.saved[-1] == str(tmp_path / "x-state")
+    finally:
+        net.close()

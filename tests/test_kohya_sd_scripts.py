@@ -2,8 +2,10 @@
 
 SD_SCRIPTS_PYTHON (default: this Python) must have sd-scripts' requirements.  The checks run in that
 interpreter: the trainer extension's hooks resolve on the checkout's SdxlNetworkTrainer, LoRA²'s module
-names on sd-scripts' own SDXL U-Net and CLIP encoders equal the names of sd-scripts' networks.lora, and a
-LoRA² file with ragged ranks loads through networks.lora.create_network_from_weights.
+names on sd-scripts' own SDXL U-Net and CLIP encoders equal the names of sd-scripts' networks.lora, a
+LoRA² file with ragged ranks loads through networks.lora.create_network_from_weights, the options the launcher
+writes for samples, state and resume exist, train_network.py builds network, optimizer and accelerate state in
+the order resume relies on, and it averages the network's gradients across processes with accelerator.reduce.
 """
 import json
 import os
@@ -60,12 +62,29 @@ net, sd = kohya_lora.create_network_from_weights(1.0, path, None, [te1, te2], un
 net.apply_to([te1, te2], unet, True, True)  # registers the modules, as train_network.py does before loading
 info = net.load_weights(path)
 loaded = {l.lora_name: l.lora_down.weight.shape[0] for l in net.unet_loras + net.text_encoder_loras}
+
+# the options the launcher writes for samples, state and resume exist in this sd-scripts' parser
+import inspect
+import train_network
+parsed = vars(sdxl_train_network.setup_parser().parse_args([
+    "--sample_prompts", "p.txt", "--sample_every_n_steps", "5", "--sample_sampler", "euler_a", "--save_state",
+    "--save_state_on_train_end", "--resume", "s", "--skip_until_initial_step"]))
+options = {k: parsed.get(k) for k in ("sample_prompts", "sample_every_n_steps", "sample_sampler", "save_state",
+                                      "save_state_on_train_end", "resume", "skip_until_initial_step")}
+# the order resume depends on: network created and applied, optimizer built, prepared, then the state loaded
+src = inspect.getsource(train_network.NetworkTrainer.train)
+marks = ["network_module.create_network(", "network.apply_to(", "train_util.get_optimizer(",
+         "accelerator.prepare(", "resume_from_local_or_hf_if_specified("]
+order = [src.find(m) for m in marks]
+# gradients of the network are averaged across processes the way the multi-process design relies on
+reduce_mean = 'reduce(param.grad, reduction="mean")' in inspect.getsource(train_network.NetworkTrainer.all_reduce_network)
 print("RESULT " + json.dumps({
     "only_ours": sorted(our_names - their_names)[:5], "only_theirs": sorted(their_names - our_names)[:5],
     "n_ours": len(our_names), "n_theirs": len(their_names),
     "ranks_match": loaded == {k: m.rank for k, m in modules.items()}, "n_loaded": len(loaded),
     "missing": [k for k in info.missing_keys if "lora" in k][:3], "unexpected": list(info.unexpected_keys)[:3],
     "process_batch": callable(getattr(trainer, "process_batch", None)),
+    "options": options, "order": order, "reduce_mean": reduce_mean,
 }))
 """
 
@@ -84,3 +103,8 @@ def test_sd_scripts_checkout_names_and_loader(tmp_path):
     assert r["only_ours"] == [], r
     assert r["ranks_match"] and r["n_loaded"] > 100 and r["missing"] == [] and r["unexpected"] == [], r
     assert r["process_batch"]
+    assert r["options"] == {"sample_prompts": "p.txt", "sample_every_n_steps": 5, "sample_sampler": "euler_a",
+                            "save_state": True, "save_state_on_train_end": True, "resume": "s",
+                            "skip_until_initial_step": True}, r["options"]
+    assert -1 not in r["order"] and r["order"] == sorted(r["order"]), r["order"]
+    assert r["reduce_mean"]

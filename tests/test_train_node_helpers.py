@@ -34,8 +34,9 @@ def test_inputs_cover_the_paper_hyperparameters_and_presets(train_mod):
     assert opt["fp8_base"][1]["default"] is False and opt["full_bf16"][1]["default"] is False
     assert opt["max_params_millions"][1]["default"] == 0.0
     assert opt["preset"][0] == ["none", "8GB", "12GB", "16GB", "24GB", "48GB"] and opt["preset"][1]["default"] == "none"
-    assert train_mod.TrainLoRA2.RETURN_TYPES == ("MODEL", "CLIP", "LORA2", "LORA2_HISTORY", "STRING")
-    assert train_mod.TrainLoRA2.RETURN_NAMES[-1] == "info"  # appended: links to the first four keep their slots
+    assert train_mod.TrainLoRA2.RETURN_TYPES == ("MODEL", "CLIP", "LORA2", "LORA2_HISTORY", "STRING", "IMAGE")
+    # appended: links to the first four keep their slots
+    assert train_mod.TrainLoRA2.RETURN_NAMES[4:] == ("info", "samples")
     # the training controls, buckets and ComfyUI dataset inputs are optional, so older workflows still run
     defaults = {"gradient_accumulation_steps": 1, "max_grad_norm": 1.0, "lr_scheduler": "constant",
                 "lr_warmup_steps": 0, "min_snr_gamma": 0.0, "noise_offset": 0.0, "loss_type": "mse", "huber_c": 0.1,
@@ -45,6 +46,24 @@ def test_inputs_cover_the_paper_hyperparameters_and_presets(train_mod):
     assert opt["lr_scheduler"][0] == ["constant", "constant_with_warmup", "cosine"]
     assert opt["loss_type"][0] == ["mse", "huber"]
     assert opt["latents"][0] == "LATENT" and opt["positive"][0] == "CONDITIONING"
+    assert {"num_processes", "sample_prompts", "sample_every_n_steps", "sample_sampler"} <= set(opt)
+    from lora2_train.kohya.launch import SAMPLERS
+    assert sorted(opt["sample_sampler"][0]) == sorted(SAMPLERS)
+
+
+def test_sample_files_become_one_image_batch(train_mod, tmp_path):
+    """sd-scripts' sample PNGs → IMAGE (B, H, W, 3); other sizes are resized to the first; none → one black
+    64×64 placeholder (the embedded backend draws no samples)."""
+    from PIL import Image
+
+    empty = train_mod.images_tensor([])
+    assert empty.shape == (1, 64, 64, 3) and empty.abs().sum() == 0
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("RGB", (48, 32), (255, 0, 0)).save(a)
+    Image.new("RGB", (24, 16), (0, 0, 255)).save(b)
+    batch = train_mod.images_tensor([a, b])
+    assert batch.shape == (2, 32, 48, 3) and batch.dtype == torch.float32
+    assert batch[0, ..., 0].min() == 1.0 and batch[1, ..., 2].min() == 1.0 and batch[1, ..., 0].max() == 0.0
 
 
 def test_image_batch_becomes_an_image_folder_with_captions(train_mod, tmp_path):

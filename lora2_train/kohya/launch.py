@@ -6,6 +6,13 @@ files (the dataset config and the training options) into
 (``python -m lora2_train.kohya.train``) under the given Python and turns its
 ``LORA2_PROGRESS`` lines into :class:`lora2_train.trainer.ProgressEvent`
 objects.  The complete output goes to ``<output_dir>/.lora2-<name>/train.log``.
+
+``num_processes`` > 1 runs the trainer extension under ``accelerate launch
+--multi_gpu --num_processes N`` (one process per CUDA device, gradients averaged
+by sd-scripts through accelerate), or, with ``cpu=True``, under
+``torch.distributed.run`` with N CPU processes over gloo (for tests).
+Sample images (sd-scripts' ``--sample_prompts``) land in
+``<output_dir>/sample/``; :func:`sample_images` lists those of a run.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +35,7 @@ from ..trainer import ProgressEvent
 
 PROGRESS_PREFIX = "LORA2_PROGRESS "
 SAVED_PREFIX = "LORA2_SAVED "
+STATE_PREFIX = "LORA2_STATE "
 ERROR_PREFIX = "lora2_train.kohya.train: error: "
 #: files whose presence marks an sd-scripts checkout, and hooks LoRA² needs in them
 CHECKOUT_FILES = ("train_network.py", "sdxl_train_network.py", "library/train_util.py")
@@ -49,9 +58,11 @@ class SdScriptsError(RuntimeError):
 class TrainingCancelled(RuntimeError):
     """``should_stop()`` ended the run; ``path`` is the last adapter saved (None if none was)."""
 
-    def __init__(self, message: str, path: Path | None = None):
+    def __init__(self, message: str, path: Path | None = None, state: Path | None = None):
         super().__init__(message)
         self.path = path
+        #: sd-scripts' training state saved on the stop (``resume_from`` continues from it), or None
+        self.state = state
 
 
 # ---- checks ------------------------------------------------------------------------------------
@@ -73,6 +84,34 @@ def check_sd_scripts(folder) -> Path:
                 raise SdScriptsError(f"{path / name}: this sd-scripts version lacks {hook!r}, which LoRA² hooks "
                                      f"into; update the checkout")
     return path
+
+
+def cuda_device_count(python: str, folder: Path) -> int:
+    """CUDA devices `python` (sd-scripts' interpreter) sees."""
+    code = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    try:
+        out = subprocess.run([python, "-c", code], cwd=folder, capture_output=True, text=True, timeout=300)
+    except FileNotFoundError:
+        raise SdScriptsError(f"{python}: no such Python interpreter") from None
+    try:
+        return int(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise SdScriptsError(f"{python}: cannot count CUDA devices ({(out.stderr or out.stdout).strip()[-200:]})") from None
+
+
+def launch_command(python: str, folder: Path, config_file: Path, num_processes: int = 1, cpu: bool = False,
+                   mixed_precision: str = "no") -> list[str]:
+    """The command that runs the trainer extension: directly for one process; for N processes under
+    ``accelerate launch --multi_gpu`` (one per CUDA device, a free port), or on the CPU under
+    ``torch.distributed.run`` (gloo; accelerate reads its environment: ``ACCELERATE_USE_CPU``)."""
+    script = ["-m", "lora2_train.kohya.train", "--sd_scripts", str(folder), "--config_file", str(config_file)]
+    if num_processes == 1:
+        return [python] + script
+    if cpu:
+        return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes)] + script
+    return [python, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+            "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
+            "--main_process_port", "0"] + script
 
 
 def check_requirements(python: str, folder: Path) -> None:
@@ -186,9 +225,21 @@ def dataset_toml(dataset_dir: Path, resolution: int, batch_size: int, class_toke
     })
 
 
+SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
+            "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")
+
+
 def training_settings(base_checkpoint, dataset_config, output_dir, output_name, config: LoRA2Config, steps: int,
-                      seed: int, tokenizer_cache_dir=None, save_every: int | None = None, extra: dict | None = None):
-    """sd-scripts options (argparse names) for one LoRA² run; ``extra`` adds or replaces any of them."""
+                      seed: int, tokenizer_cache_dir=None, save_every: int | None = None, extra: dict | None = None,
+                      sample_prompts_file=None, sample_every: int | None = None, sample_sampler: str = "euler_a",
+                      resume_from=None, save_state: bool = False):
+    """sd-scripts options (argparse names) for one LoRA² run; ``extra`` adds or replaces any of them.
+
+    Samples: ``sample_prompts_file`` (sd-scripts' prompt file) every ``sample_every`` steps with
+    ``sample_sampler``.  ``save_state``: sd-scripts keeps its training state at the end
+    (``<name>-state``), at every ``save_every`` and on a stop request (``<name>-step<N>-state``).
+    ``resume_from``: such a state folder; the run continues at its step (``--skip_until_initial_step``
+    skips the batches already seen)."""
     te = any(t.startswith("te_") for t in config.targets)
     s = {
         "pretrained_model_name_or_path": str(base_checkpoint),
@@ -217,9 +268,63 @@ def training_settings(base_checkpoint, dataset_config, output_dir, output_name, 
         "save_every_n_steps": save_every if save_every and save_every < steps else None,
         "tokenizer_cache_dir": str(tokenizer_cache_dir) if tokenizer_cache_dir else None,
     }
+    if sample_prompts_file is not None and sample_every:
+        s.update(sample_prompts=str(sample_prompts_file), sample_every_n_steps=int(sample_every),
+                 sample_sampler=sample_sampler)
+    if save_state:
+        s["save_state_on_train_end"] = True
+        if s["save_every_n_steps"]:
+            s["save_state"] = True
+    if resume_from is not None:
+        s.update(resume=str(resume_from), skip_until_initial_step=True)
     s.update(extra or {})
     check_precision(s)
     return s
+
+
+def check_state_dir(folder) -> Path:
+    """A training state saved by sd-scripts (accelerate's ``save_state``), or a one-line error."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"resume_from: {path}: no such state folder (sd-scripts writes <name>-state or "
+                                f"<name>-step<N>-state beside the adapter)")
+    if not (path / "optimizer.bin").is_file() or not any(path.glob("model*.safetensors")) and \
+            not any(path.glob("pytorch_model*.bin")):
+        raise ValueError(f"resume_from: {path}: not an sd-scripts training state (no optimizer.bin / model.safetensors)")
+    return path.resolve()
+
+
+def sample_prompt_lines(prompts) -> list[str]:
+    """Prompt lines of sd-scripts' prompt file: one prompt per line (its options such as ``--w 1024 --h 1024
+    --s 28 --d 1`` may follow the prompt on the line); empty lines and ``#`` comments are dropped."""
+    if isinstance(prompts, str):
+        prompts = prompts.splitlines()
+    lines = [p.strip() for p in prompts or () if p.strip() and not p.strip().startswith("#")]
+    if not lines:
+        raise ValueError("sample_prompts: no prompt (one per line)")
+    return lines
+
+
+def write_sample_prompts(path: Path, prompts) -> Path:
+    path.write_text("\n".join(sample_prompt_lines(prompts)) + "\n", encoding="utf-8")
+    return path
+
+
+def sample_images(output_dir, output_name: str, since: float = 0.0) -> list[Path]:
+    """The sample images sd-scripts wrote for ``output_name`` (``<output_dir>/sample/<name>_<step>_<i>_…png``)
+    modified at or after `since`, in step then prompt order."""
+    folder = Path(output_dir) / "sample"
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.glob(f"{output_name}_*.png"):
+        parts = p.stem[len(output_name) + 1:].split("_")
+        if len(parts) < 3 or not parts[1].isdigit() or p.stat().st_mtime < since - 1:
+            continue
+        step = parts[0]
+        key = (0, int(step)) if step.isdigit() else (1, int(step[1:]) if step[1:].isdigit() else 0)
+        found.append((key, int(parts[1]), p.name, p))
+    return [p for *_, p in sorted(found)]
 
 
 # ---- progress ------------------------------------------------------------------------------------
@@ -240,12 +345,12 @@ def parse_progress_line(line: str, ranks: dict | None = None) -> ProgressEvent |
         return None
 
 
-def parse_saved_line(line: str) -> dict | None:
-    i = line.find(SAVED_PREFIX)
+def parse_saved_line(line: str, prefix: str = SAVED_PREFIX) -> dict | None:
+    i = line.find(prefix)
     if i < 0:
         return None
     try:
-        return json.loads(line[i + len(SAVED_PREFIX):])
+        return json.loads(line[i + len(prefix):])
     except ValueError:
         return None
 
@@ -269,13 +374,19 @@ def train_sd_scripts(sd_scripts_dir, base_checkpoint, dataset_dir, output_dir, o
                      callback: Callable[[ProgressEvent], None] | None = None,
                      should_stop: Callable[[], bool] | None = None, *, overwrite: bool = False,
                      tokenizer_cache_dir=None, save_every: int | None = None, extra_options: dict | None = None,
-                     poll_seconds: float = 0.5) -> Path:
+                     poll_seconds: float = 0.5, num_processes: int = 1, cpu: bool = False,
+                     sample_prompts=None, sample_every: int | None = None, sample_sampler: str = "euler_a",
+                     resume_from=None, save_state: bool = False) -> Path:
     """Train a LoRA² adapter with sd-scripts; returns the path of the saved adapter.
 
     `callback` gets a ProgressEvent per optimizer step; `should_stop()` → True terminates the run (the
-    trainer saves its current state first) and raises :class:`TrainingCancelled` naming the last saved
-    file.  `extra_options` adds or replaces sd-scripts options (argparse names, e.g.
-    ``{"gradient_checkpointing": True}``).  Nothing is overwritten unless `overwrite`.
+    trainer saves its current adapter, and with `save_state` its training state, first) and raises
+    :class:`TrainingCancelled` naming the last saved file and state.  `extra_options` adds or replaces
+    sd-scripts options (argparse names, e.g. ``{"gradient_checkpointing": True}``).  `num_processes`:
+    data-parallel processes (one per CUDA device; `cpu`: CPU processes over gloo).  `sample_prompts`
+    (a list of lines or one string) every `sample_every` steps: see :func:`sample_images`.
+    `resume_from`: an sd-scripts state folder of an earlier run of the same settings.  Nothing is
+    overwritten unless `overwrite`.
     """
     folder = check_sd_scripts(sd_scripts_dir)
     python = str(python or sys.executable)
@@ -295,30 +406,63 @@ def train_sd_scripts(sd_scripts_dir, base_checkpoint, dataset_dir, output_dir, o
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if resolution % 64:
         raise ValueError(f"resolution must be a multiple of 64, got {resolution}")
+    if not isinstance(num_processes, int) or isinstance(num_processes, bool) or num_processes < 1:
+        raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}")
+    if sample_sampler not in SAMPLERS:
+        raise ValueError(f"sample_sampler must be one of {', '.join(SAMPLERS)}, got {sample_sampler!r}")
+    if sample_every is not None and (not isinstance(sample_every, int) or sample_every < 0):
+        raise ValueError(f"sample_every must be a non-negative integer, got {sample_every!r}")
+    if resume_from:
+        resume_from = check_state_dir(resume_from)
+    if sample_every:
+        sample_prompt_lines(sample_prompts)
     target = output_path(output_dir, output_name)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target}: already exists (pass overwrite to replace it)")
     check_requirements(python, folder)
+    if num_processes > 1 and not cpu:
+        devices = cuda_device_count(python, folder)
+        if devices < num_processes:
+            raise SdScriptsError(f"num_processes={num_processes} needs {num_processes} CUDA devices; {python} sees "
+                                 f"{devices}")
 
     out_dir = target.parent
     work = out_dir / f".lora2-{target.stem}"
     work.mkdir(parents=True, exist_ok=True)
     (work / "dataset.toml").write_text(dataset_toml(dataset_dir.resolve(), resolution, batch_size, target.stem))
+    prompts_file = None
+    if sample_prompts and sample_every:
+        prompts_file = write_sample_prompts(work / "sample_prompts.txt", sample_prompts)
     settings = training_settings(base_checkpoint.resolve(), work / "dataset.toml", out_dir.resolve(), target.stem,
                                  config, steps, seed, tokenizer_cache_dir and Path(tokenizer_cache_dir).resolve(),
-                                 save_every, extra_options)
+                                 save_every, extra_options, prompts_file, sample_every, sample_sampler,
+                                 resume_from, save_state)
     (work / "train.toml").write_text(to_toml(settings))
-    cmd = [python, "-m", "lora2_train.kohya.train", "--sd_scripts", str(folder), "--config_file",
-           str(work / "train.toml")]
-    return _run(cmd, folder, work / "train.log", target, callback, should_stop, poll_seconds)
+    cmd = launch_command(python, folder, work / "train.toml", num_processes, cpu, config.mixed_precision)
+    return _run(cmd, folder, work / "train.log", target, callback, should_stop, poll_seconds,
+                group=num_processes > 1, cpu=cpu)
 
 
-def _run(cmd, cwd, log_path: Path, target: Path, callback, should_stop, poll_seconds) -> Path:
+def _kill(proc, group: bool) -> None:
+    if group:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every worker it started
+            return
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.kill()
+
+
+def _run(cmd, cwd, log_path: Path, target: Path, callback, should_stop, poll_seconds, group: bool = False,
+         cpu: bool = False) -> Path:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env["PYTHONUNBUFFERED"] = "1"
+    if cpu:
+        env["ACCELERATE_USE_CPU"] = "true"
+    # several processes: a session of their own, so that an error here ends the workers too
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            encoding="utf-8", errors="replace", bufsize=1)
+                            encoding="utf-8", errors="replace", bufsize=1, start_new_session=group)
     lines: queue.Queue = queue.Queue()
 
     def pump():
@@ -330,6 +474,7 @@ def _run(cmd, cwd, log_path: Path, target: Path, callback, should_stop, poll_sec
     tail: list[str] = []
     ranks: dict = {}
     last_saved: Path | None = None
+    last_state: Path | None = None
     stopping = False
     with open(log_path, "w", encoding="utf-8") as log:
         try:
@@ -354,18 +499,23 @@ def _run(cmd, cwd, log_path: Path, target: Path, callback, should_stop, poll_sec
                 saved = parse_saved_line(line)
                 if saved is not None:
                     last_saved = Path(saved["path"])
+                state = parse_saved_line(line, STATE_PREFIX)
+                if state is not None:
+                    last_state = Path(state["path"])
         except BaseException:
-            proc.kill()
+            _kill(proc, group)
             raise
         finally:
             try:
                 rc = proc.wait(timeout=300)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                _kill(proc, group)
                 rc = proc.wait()
     if stopping:
         where = f"; last saved: {last_saved}" if last_saved else "; nothing was saved"
-        raise TrainingCancelled(f"training stopped{where}", last_saved)
+        if last_state is not None:
+            where += f"; resumable state: {last_state}"
+        raise TrainingCancelled(f"training stopped{where}", last_saved, last_state)
     if rc != 0:
         raise SdScriptsError(f"sd-scripts training failed (exit {rc}): {_error_of(tail)} (log: {log_path})")
     if target.exists():
@@ -422,6 +572,19 @@ def add_train_parser(sub) -> None:
                    help="local CLIP tokenizers for offline use (see python -m lora2_train.kohya.tokenizers)")
     t.add_argument("--sd-option", dest="sd_options", action="append", default=[], metavar="KEY=VALUE",
                    help="extra sd-scripts option (repeatable), e.g. --sd-option min_snr_gamma=5")
+    t.add_argument("--num-processes", dest="num_processes", type=int, default=1,
+                   help="data-parallel processes: accelerate launch --multi_gpu, one per CUDA device")
+    t.add_argument("--cpu", action="store_true",
+                   help="train on the CPU (with --num-processes N: N CPU processes over gloo; for testing)")
+    t.add_argument("--sample-prompts", dest="sample_prompts", default=None,
+                   help="text file, one prompt per line (sd-scripts' options such as --w 1024 --h 1024 --s 28 --d 1 "
+                        "may follow); images go to <out>/sample/")
+    t.add_argument("--sample-every", dest="sample_every", type=int, default=None, help="sample every N steps")
+    t.add_argument("--sample-sampler", dest="sample_sampler", choices=SAMPLERS, default="euler_a")
+    t.add_argument("--save-state", dest="save_state", action="store_true",
+                   help="keep sd-scripts' training state at the end (<name>-state) and at every --save-every")
+    t.add_argument("--resume", default=None, help="an sd-scripts state folder (<name>-state, <name>-step<N>-state) "
+                   "to continue from, with the same settings")
     t.add_argument("--overwrite", action="store_true", help="replace an existing adapter of that name")
     t.set_defaults(func=cmd_train)
 
@@ -463,10 +626,19 @@ def cmd_train(args) -> int:
     if args.preset:
         extra.update(cache_options(config))
     extra.update(_parse_option(o) for o in args.sd_options)
+    prompts = None
+    if args.sample_prompts:
+        if not Path(args.sample_prompts).is_file():
+            raise FileNotFoundError(f"--sample-prompts {args.sample_prompts}: no such file")
+        prompts = Path(args.sample_prompts).read_text(encoding="utf-8")
+        if not args.sample_every:
+            raise ValueError("--sample-prompts needs --sample-every N")
     path = train_sd_scripts(args.sd_scripts, args.checkpoint, args.dataset, args.out, args.name, config, args.steps,
                             args.resolution, args.batch_size, args.seed, python=args.sd_python,
                             callback=progress_bar(args.steps), overwrite=args.overwrite,
                             tokenizer_cache_dir=args.tokenizer_cache_dir, save_every=args.save_every,
-                            extra_options=extra)
+                            extra_options=extra, num_processes=args.num_processes, cpu=args.cpu,
+                            sample_prompts=prompts, sample_every=args.sample_every,
+                            sample_sampler=args.sample_sampler, resume_from=args.resume, save_state=args.save_state)
     print(path)
     return 0

@@ -42,6 +42,7 @@ import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import rank as R
+from ..distributed import check_in_sync
 from ..config import TARGET_GROUPS, ConfigError, LoRA2Config
 from ..format import (Adapter, AdapterFormatError, LoRAModule, adapter_from_network, adapter_state_dict,
                       atomic_write_bytes, load_adapter, save_adapter)
@@ -125,6 +126,9 @@ class KohyaLoRA2Network(LoRA2Network):
         self.set_multiplier(multiplier)
         self.optimizer: torch.optim.Optimizer | None = None
         self.steps = 0
+        # the optimizer step count, saved with the network's state (sd-scripts --save_state / --resume), so a
+        # resumed run re-allocates at the same steps as an uninterrupted one
+        self.register_buffer("lora2_steps", torch.zeros((), dtype=torch.int64), persistent=True)
         #: the run's last optimizer step (sd-scripts' max_train_steps): no re-allocation after it
         self.final_step: int | None = None
         #: called as fn(step, resized) after every optimizer step (resized: {key: (old, new)})
@@ -140,6 +144,8 @@ class KohyaLoRA2Network(LoRA2Network):
         self.grad_scaler = None
         self._frozen: list[nn.Parameter] = []
         self._lam_vectorized = True
+        self._register_load_state_dict_pre_hook(self._before_load, with_module=True)
+        self.register_load_state_dict_post_hook(self._after_load)
 
     # ---- sd-scripts: application -------------------------------------------------------------
     def apply_to(self, text_encoder=None, unet=None, apply_text_encoder: bool = True, apply_unet: bool = True):
@@ -283,13 +289,19 @@ class KohyaLoRA2Network(LoRA2Network):
         self.optimizer = optimizer
 
     def after_optimizer_step(self) -> dict:
-        """Count the step; every ``resize_every`` steps re-allocate at D(ν) in place; tell listeners."""
+        """Count the step; every ``resize_every`` steps re-allocate at D(ν) in place; tell listeners.
+
+        In a multi-process run every process checks first that all of them are about to allocate the
+        same ranks and hold the same ν and weights (:func:`distributed.check_in_sync`, one all-reduce)."""
         self.steps += 1
         if self.rank_optimizer is not None:
             self._step_rank_optimizer()
+        self.lora2_steps.fill_(self.steps)
         resized = {}
         if self.steps % self.config.resize_every == 0 and (self.final_step is None or self.steps < self.final_step):
-            resized = self.resize(self.optimizer, in_place=True)
+            targets = self.target_ranks()
+            check_in_sync(self, self.steps, targets)
+            resized = self.resize(self.optimizer, in_place=True, targets=targets)
         for fn in list(self.step_listeners):
             fn(self.steps, resized)
         return resized
@@ -385,15 +397,24 @@ class KohyaLoRA2Network(LoRA2Network):
             summary += f"; {len(unexpected)} file modules not in this model (first: {unexpected[0]})"
         return summary
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Also for state saved at other (ragged) ranks: sd-scripts' ``--resume`` restores the network
-        through accelerate with ``load_state_dict`` before the optimizer state, so every component is
-        first re-allocated in place at the saved rank (Parameter objects kept)."""
+    @staticmethod
+    def _before_load(self, state_dict, prefix, *rest) -> None:
+        """Load-state pre-hook, for state saved at other (ragged) ranks.  sd-scripts' ``--resume``
+        restores the network through accelerate's ``load_state`` (network state, then optimizer state,
+        then the rest); with several processes the network is wrapped (keys ``module.…``), so this runs
+        as a hook of the network module whatever the entry point.  Every component is first
+        re-allocated in place at the saved rank (same Parameter objects, which the optimizer holds), so
+        the optimizer state loaded next fits."""
         for key, layer in self.layers.items():
-            saved = state_dict.get(f"layers.{key}.lora_down")
+            saved = state_dict.get(f"{prefix}layers.{key}.lora_down")
             if saved is not None and saved.shape[0] != layer.rank:
                 layer.resize(int(saved.shape[0]), self.optimizer, in_place=True)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if f"{prefix}lora2_steps" not in state_dict:  # state saved before the step count was kept
+            state_dict[f"{prefix}lora2_steps"] = self.lora2_steps.clone()
+
+    @staticmethod
+    def _after_load(self, incompatible) -> None:
+        self.steps = int(self.lora2_steps)
 
     # ---- sd-scripts --base_weights ---------------------------------------------------------------
     def is_mergeable(self) -> bool:

@@ -12,8 +12,19 @@ entropy collected by hooks on every ``attn2.to_q`` / ``to_k``.  Ranks are
 re-allocated by the network module after optimizer steps.  Every step prints
 one line ``LORA2_PROGRESS {json}`` (step, total, loss, mse, reg, entropy,
 num_params, resized, elapsed, and ranks when they may have changed), every save
-``LORA2_SAVED {json}`` (path, step, ranks).  SIGTERM saves the current state as
-``<output_name>-step<NNNNNNNN>.safetensors`` after the running step and exits.
+``LORA2_SAVED {json}`` (path, step, ranks).  SIGTERM saves the current adapter as
+``<output_name>-step<NNNNNNNN>.safetensors`` after the running step and, with
+``--save_state`` or ``--save_state_on_train_end``, sd-scripts' training state
+(network with its ragged ranks and step count, optimizer, scheduler, RNG) as
+``<output_name>-step<NNNNNNNN>-state`` (``LORA2_STATE {json}``), then exits;
+``--resume`` that folder continues the run.
+
+Several processes (``accelerate launch --num_processes N``): sd-scripts averages
+the network's gradients, so every process holds the same network; the network
+checks that at every re-allocation (:func:`lora2_train.distributed.check_in_sync`).
+Only the main process prints progress and writes files; a stop request is
+agreed on by all processes at the start of a step, so they all stop after the
+same one.
 """
 from __future__ import annotations
 
@@ -25,11 +36,12 @@ import sys
 import time
 
 from ..config import ConfigError
+from ..distributed import ProcessesDiverged, any_true
 from ..format import AdapterFormatError
 from ..objective import CrossAttentionEntropy
 from ..optim import check_sd_scripts_optimizer, sd_scripts_optimizer_type
 from . import network as kn
-from .launch import ERROR_PREFIX, PROGRESS_PREFIX, SAVED_PREFIX, SdScriptsError, check_sd_scripts
+from .launch import ERROR_PREFIX, PROGRESS_PREFIX, SAVED_PREFIX, STATE_PREFIX, SdScriptsError, check_sd_scripts
 
 #: trainer methods the extension relies on
 REQUIRED_HOOKS = ("process_batch", "assert_extra_args", "train")
@@ -83,6 +95,8 @@ def make_trainer_class(base):
             self._last = (float("nan"),) * 4
             self._t0 = None
             self._args = None
+            self._accelerator = None
+            self._is_main = True
             self.stop_requested = False
 
         # -- argument checks before anything heavy happens --
@@ -111,8 +125,10 @@ def make_trainer_class(base):
             if not isinstance(net, kn.KohyaLoRA2Network):
                 return super().process_batch(*a, **kw)
             if self._lora2_net is not net:
-                self._attach(net, accelerator.unwrap_model(p["unet"]), p["args"])
+                self._attach(net, accelerator.unwrap_model(p["unet"]), p["args"], accelerator)
                 net.grad_scaler = getattr(accelerator, "scaler", None)
+            if p["is_train"]:
+                self._stop_here(net)
             if self._entropy is not None:
                 self._entropy.reset()
             loss = super().process_batch(*a, **kw)
@@ -126,8 +142,19 @@ def make_trainer_class(base):
             self._last = (float(total.detach()), float(loss.detach()), float(reg.detach()), float(ent.detach()))
             return total
 
-        def _attach(self, net, unet, args):
+        def _stop_here(self, net):
+            """At the start of a training step (the previous one complete: optimizer, scheduler): stop when
+            any process was asked to (all of them agree, one all-reduce), or when a resumed run has done
+            all its steps (sd-scripts may schedule a few more after a resume)."""
+            if any_true(self.stop_requested):
+                self._save_and_exit(net.steps)
+            if net.final_step is not None and net.steps >= net.final_step:
+                self._save_and_exit(net.steps, finished=True)
+
+        def _attach(self, net, unet, args, accelerator=None):
             self._lora2_net, self._args = net, args
+            self._accelerator = accelerator
+            self._is_main = bool(getattr(accelerator, "is_main_process", True))
             net.final_step = int(args.max_train_steps)
             self._t0 = time.perf_counter()
             net.step_listeners.append(self._on_step)
@@ -146,23 +173,53 @@ def make_trainer_class(base):
                      "elapsed": round(time.perf_counter() - self._t0, 3)}
             if step == 1 or resized or step >= total:
                 event["ranks"] = net.ranks()
-            _emit(PROGRESS_PREFIX, event)
-            if self.stop_requested:
-                self._save_and_exit(step)
+            if self._is_main:
+                _emit(PROGRESS_PREFIX, event)
 
         def _on_save(self, path, ranks):
-            _emit(SAVED_PREFIX, {"path": os.path.abspath(path), "step": self._lora2_net.steps, "ranks": ranks})
+            if self._is_main:
+                _emit(SAVED_PREFIX, {"path": os.path.abspath(path), "step": self._lora2_net.steps, "ranks": ranks})
 
-        def _save_and_exit(self, step):
+        def _save_and_exit(self, step, finished=False):
+            """Main process: the adapter (``<name>-step<N>``, or ``<name>`` when the run is complete) and,
+            when sd-scripts is told to keep state, the training state beside it; then every process exits."""
             import torch
             args = self._args
-            name = f"{args.output_name or 'last'}-step{step:08d}.safetensors"
-            dtype = getattr(torch, _SAVE_DTYPES.get(args.save_precision or "float", "float32"))
-            meta = {"ss_output_name": args.output_name, "ss_steps": step, "ss_base_model_version": "sdxl_base_v1-0"}
-            self._lora2_net.save_weights(os.path.join(args.output_dir, name), dtype, meta)
-            raise SystemExit(143)
+            stem = args.output_name or ("last" if finished else "at")
+            if self._is_main:
+                name = stem if finished else f"{stem}-step{step:08d}"
+                dtype = getattr(torch, _SAVE_DTYPES.get(args.save_precision or "float", "float32"))
+                meta = {"ss_output_name": args.output_name, "ss_steps": step,
+                        "ss_base_model_version": "sdxl_base_v1-0"}
+                self._lora2_net.save_weights(os.path.join(args.output_dir, name + ".safetensors"), dtype, meta)
+                if self._accelerator is not None and (getattr(args, "save_state", False)
+                                                      or getattr(args, "save_state_on_train_end", False)):
+                    state_dir = os.path.join(args.output_dir, f"{stem}-state" if finished else f"{name}-state")
+                    self._accelerator.save_state(state_dir)
+                    set_state_step(state_dir, step)
+                    _emit(STATE_PREFIX, {"path": os.path.abspath(state_dir), "step": step})
+            if self._accelerator is not None:
+                self._accelerator.wait_for_everyone()
+            raise SystemExit(0 if finished else 143)
 
     return LoRA2SdxlNetworkTrainer
+
+
+def set_state_step(state_dir, step: int) -> None:
+    """Write the optimizer step count into sd-scripts' ``train_state.json`` of a saved state.
+
+    sd-scripts' save hook records its loop counter + 1, which is one ahead when the state is saved at
+    the start of a step (where a stop request is honoured); ``--resume`` with
+    ``--skip_until_initial_step`` skips that many batches."""
+    path = os.path.join(state_dir, "train_state.json")
+    data = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    data["current_step"] = int(step)
+    data.setdefault("current_epoch", 0)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f)
 
 
 def _split_sd_scripts_option(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -210,7 +267,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     try:
         trainer.train(args)
-    except (ConfigError, AdapterFormatError, SdScriptsError, FileNotFoundError) as e:
+    except (ConfigError, AdapterFormatError, SdScriptsError, ProcessesDiverged, FileNotFoundError) as e:
         return fail(str(e).strip().splitlines()[0])
     return 0
 

@@ -39,3 +39,23 @@ def test_embedded_training_on_a_comfyui_unet(comfyui_dir, tmp_path):
     assert f["twice_info"][1].startswith("saved twice_2.safetensors (twice.safetensors was taken): ")
     assert f["snapshots"] == ["twice_2_step2.safetensors", "twice_step2.safetensors"]
     assert f["twice_prediction"] == "v_prediction" and f["twice_zsnr"] is True and f["twice_accum"] == 2
+
+
+SD_SCRIPT = Path(__file__).with_name("train_node_sd_scripts_inprocess.py")
+
+
+def test_sd_scripts_backend_samples_cancel_and_resume(comfyui_dir, tmp_path):
+    """The node's sd-scripts path against the stand-in checkout: Cancel leaves a state folder the message names,
+    resume_from that folder finishes the run, and its sample images come back as one IMAGE batch."""
+    r = subprocess.run([sys.executable, str(SD_SCRIPT), str(comfyui_dir), str(tmp_path)], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    f = json.loads(r.stdout.strip().splitlines()[-1])
+    assert f["interrupted"] and f["flag_cleared"]
+    assert "cancelled" in f["note"] and f["state"].endswith("-state") and "cut-step0000000" in f["state"]
+    stopped = int(f["state"].rsplit("step", 1)[1].split("-")[0])
+    assert f["resumed_steps"] == list(range(stopped + 1, 5)) and f["resumed_history_steps"][-1] == 4
+    assert f["resumed_final"] and f["resumed_ranks_moved"]
+    # the samples of the resumed run (step 4), in prompt order, as one batch
+    assert [s[:13] for s in f["samples"]] == ["cut_000004_00", "cut_000004_01"]
+    assert f["batch_shape"] == [2, 48, 64, 3]  # the 64×64 prompt resized to the first image's size

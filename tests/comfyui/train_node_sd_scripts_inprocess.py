@@ -1,0 +1,102 @@
+"""Runs the Train LoRA² node's sd-scripts backend inside a ComfyUI import (no server), in its own process, against
+the sd-scripts stand-in tests/fake_sd_scripts (this Python as sd-scripts' Python).
+
+usage: python train_node_sd_scripts_inprocess.py COMFYUI_DIR WORK_DIR
+Trains with two sample prompts every 2 of 4 steps, cancels after step 2, resumes from the state folder the Cancel
+left, and prints one JSON line of findings.
+"""
+import json
+import os
+import sys
+
+comfy_dir, work = sys.argv[1], sys.argv[2]
+sys.argv = [sys.argv[0], "--cpu"]
+sys.path.insert(0, comfy_dir)
+import comfy.options  # noqa: E402
+
+comfy.options.enable_args_parsing()
+import importlib.util  # noqa: E402
+import logging  # noqa: E402
+
+import comfy.model_management as mm  # noqa: E402
+import folder_paths  # noqa: E402
+from PIL import Image  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FAKE = os.path.join(ROOT, "tests", "fake_sd_scripts")
+loras, ckpts, data = (os.path.join(work, d) for d in ("loras", "checkpoints", "data"))
+for d in (loras, ckpts, data):
+    os.makedirs(d, exist_ok=True)
+folder_paths.folder_names_and_paths["loras"] = ([loras], {".safetensors"})
+folder_paths.folder_names_and_paths["checkpoints"] = ([ckpts], {".safetensors"})
+folder_paths.set_output_directory(os.path.join(work, "output"))
+open(os.path.join(ckpts, "sdxl.safetensors"), "wb").write(b"x")  # the stand-in builds its own U-Net
+Image.new("RGB", (64, 64), (200, 100, 50)).save(os.path.join(data, "a.png"))
+
+spec = importlib.util.spec_from_file_location("lora2_pack", os.path.join(ROOT, "__init__.py"),
+                                              submodule_search_locations=[ROOT])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["lora2_pack"] = pack
+spec.loader.exec_module(pack)
+train_mod = sys.modules["lora2_pack.nodes.train"]
+
+from lora2_train.config import LoRA2Config  # noqa: E402
+from lora2_train.format import output_path  # noqa: E402
+from lora2_train.kohya import launch  # noqa: E402
+
+launch.check_requirements = lambda python, folder: None  # this Python runs the stand-in, not sd-scripts
+node = train_mod.TrainLoRA2()
+
+
+def config(steps):
+    return LoRA2Config(r_init=8, r_target=8, r_max=16, lambda_r=0.0, nu_lr=3.0, resize_every=2, rank_block=1,
+                       lr=0.05, steps=steps, seed=3)
+
+
+def train(name, run, **kw):
+    return node._train_sd_scripts(config(4), output_path(loras, name), data, None, "", "photo of sks", 64, FAKE,
+                                  sys.executable, "sdxl.safetensors", run, **kw)
+
+
+PROMPTS = dict(sample_prompts="a dog --w 64 --h 48\n\na cat\n", sample_every=2)
+
+
+class Cancel(train_mod._Run):
+    def step(self, ev):
+        super().step(ev)
+        if ev.step == 2:
+            mm.interrupt_current_processing(True)
+
+
+messages = []
+logging.getLogger().addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: messages.append(r.getMessage())})())
+os.environ["FAKE_SD_STEP_SLEEP"] = "0.3"
+interrupted = False
+try:
+    train("cut", Cancel("2", 4), **PROMPTS)
+except mm.InterruptProcessingException:
+    interrupted = True
+os.environ["FAKE_SD_STEP_SLEEP"] = "0"
+note = next((m for m in messages if "cancelled" in m), "")
+state = note.split("set resume_from to ", 1)[1].split(" to continue")[0] if "set resume_from to " in note else ""
+
+
+class Steps(train_mod._Run):
+    seen = []
+
+    def step(self, ev):
+        super().step(ev)
+        self.seen.append(ev.step)
+
+
+resumed, resumed_history, samples = train("cut", Steps("3", 4), resume_from=state, **PROMPTS) if state else \
+    (None, [], [])
+batch = train_mod.images_tensor(samples)
+
+print(json.dumps({
+    "samples": [os.path.basename(p) for p in samples], "batch_shape": list(batch.shape),
+    "interrupted": interrupted, "flag_cleared": not mm.processing_interrupted(), "note": note, "state": state,
+    "resumed_steps": Steps.seen, "resumed_history_steps": [h["step"] for h in resumed_history],
+    "resumed_final": os.path.exists(output_path(loras, "cut")),
+    "resumed_ranks_moved": len(set(resumed.ranks().values())) > 1 if resumed else False,
+}))
