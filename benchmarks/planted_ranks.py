@@ -50,11 +50,11 @@ from lora2_train.network import LoRA2Network
 from lora2_train.objective import DDPMSchedule, mse_loss
 from lora2_train.planted import build_planted_task, rank_metrics
 
-FULL = dict(batch=8, steps=300, seeds=(0, 1, 2), levels=(1, 2, 4, 8, 16, 32, 64), ranks=(4, 8, 16, 32, 64),
-            lrs=(1e-3, 2e-3, 4e-3))
-QUICK = dict(batch=8, steps=60, seeds=(0,), levels=(2, 8, 32), ranks=(4, 32), lrs=(2e-3,))
+FULL = dict(layout="parallel", batch=8, steps=300, seeds=(0, 1, 2), levels=(1, 2, 4, 8, 16, 32, 64),
+            ranks=(4, 8, 16, 32, 64), lrs=(1e-3, 2e-3, 4e-3))
+QUICK = dict(layout="parallel", batch=8, steps=60, seeds=(0,), levels=(2, 8, 32), ranks=(4, 32), lrs=(2e-3,))
 #: LoRA² hyperparameters (README, "Planted ranks"), the same as the demo's; the learning rate comes from the sweep
-LORA2 = dict(r_init=16, r_target=1, r_max=128, rank_block=4, nu_lr=0.1, lambda_r=0.3, beta=1e4, resize_every=10)
+LORA2 = dict(r_init=16, r_target=1, r_max=128, rank_block=1, nu_lr=0.05, lambda_r=0.03, beta=3333.0, resize_every=10)
 #: rsLoRA α of the fixed-rank baselines: ΔW = (α/√r)·B·A
 FIXED_ALPHA = 4.0
 SPLIT_SEEDS = {"train": 101, "val": 202, "test": 303}
@@ -89,7 +89,7 @@ def evaluate(unet, batches) -> float:
 
 
 def build_task(opts, seed: int) -> Task:
-    unet, teacher, plan, data = build_planted_task(seed, opts["levels"])
+    unet, teacher, plan, data = build_planted_task(seed, opts["levels"], layout=opts["layout"])
     split = lambda name, n, b: _batches(teacher, data, n, b, SPLIT_SEEDS[name] * 1000 + seed)
     train, val, test = split("train", opts["steps"], opts["batch"]), split("val", 4, 16), split("test", 4, 16)
     return Task(unet, plan, train, val, test, evaluate(unet, val), evaluate(unet, test))
@@ -234,11 +234,12 @@ def main(argv=None):
     ap.add_argument("--ranks", type=_ints, help="fixed ranks of the baselines")
     ap.add_argument("--lrs", type=lambda s: tuple(float(v) for v in s.split(",")), help="learning-rate sweep")
     ap.add_argument("--steps", type=int)
+    ap.add_argument("--layout", choices=("parallel", "stack"), help="blocks side by side (default) or in sequence")
     ap.add_argument("--jobs", type=int, default=3, help="seeds trained side by side in worker processes")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     args = ap.parse_args(argv)
     opts = dict(QUICK if args.quick else FULL)
-    for name in ("seeds", "levels", "ranks", "lrs", "steps"):
+    for name in ("seeds", "levels", "ranks", "lrs", "steps", "layout"):
         if getattr(args, name):
             opts[name] = getattr(args, name)
     t0 = time.perf_counter()
@@ -254,7 +255,7 @@ def main(argv=None):
     level_means = {v: round(statistics.fmean(s["level_means"][v] for s in per_seed), 2) for v in levels}
     ratios = [s["params_ratio_at_equal_mse"] for s in per_seed]
     print_result({
-        "benchmark": "planted_ranks", "quick": args.quick, "steps": opts["steps"], "seeds": list(opts["seeds"]),
+        "benchmark": "planted_ranks", "quick": args.quick, "layout": opts["layout"], "steps": opts["steps"], "seeds": list(opts["seeds"]),
         "levels": list(opts["levels"]), "lrs": list(opts["lrs"]),
         "spearman_planted": mean("spearman_planted"),
         "spearman_planted_per_seed": [s["spearman_planted"] for s in per_seed],

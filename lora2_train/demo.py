@@ -24,7 +24,7 @@ from .trainer import Trainer
 OUTPUTS = ("lora2_demo.safetensors", "ranks.png", "rank_history.json", "summary.json")
 
 #: LoRA² settings of the planted-rank benchmark (README, "Planted ranks"), at the demo's step budget
-DEMO_CONFIG = dict(r_init=16, r_target=1, r_max=128, rank_block=4, lr=2e-3, nu_lr=0.1, lambda_r=0.3, beta=1e4,
+DEMO_CONFIG = dict(r_init=16, r_target=1, r_max=128, rank_block=1, lr=2e-3, nu_lr=0.05, lambda_r=0.03, beta=3333.0,
                    steps=300, resize_every=10, batch_size=8, checkpoint_every=100, seed=0, max_grad_norm=0.0)
 
 

@@ -171,19 +171,41 @@ def balanced_gains(unet: nn.Module, plan: dict[str, int], run, strength: float =
 
 class PlantedStack(nn.Module):
     """The planted-rank model: SDXL transformer blocks (``BasicTransformerBlock``: self-attention,
-    cross-attention on the text context, GEGLU feed-forward, the modules LoRA² adapts) stacked
-    `depth` deep in one ``SpatialTransformer``, called like a UNet: forward(x, timesteps, context, y)
-    → ``output_scale`` times a tensor shaped like x (timesteps and y are not used)."""
+    cross-attention on the text context, GEGLU feed-forward, the modules LoRA² adapts), `depth` of them,
+    called like a UNet: forward(x, timesteps, context, y) → ``output_scale`` times the output
+    (timesteps and y are not used).
 
-    def __init__(self, channels: int = 128, depth: int = 15, context_dim: int = 128, head_channels: int = 16):
+    ``layout="parallel"`` (the planted task's default): every block is its own ``SpatialTransformer``
+    reading the same input, and the output stacks what each block adds to it, so the teacher's change
+    in one block is observed apart from the others' and a student cannot shift it into another
+    block.  ``layout="stack"``: one ``SpatialTransformer`` with the blocks in sequence, as in a UNet;
+    a change planted in one block can then be imitated by small changes spread over the blocks after
+    it, which a student with a few hundred steps does (see ``benchmarks/planted_ranks.py``,
+    identifiability)."""
+
+    LAYOUTS = ("parallel", "stack")
+
+    def __init__(self, channels: int = 128, depth: int = 15, context_dim: int = 128, head_channels: int = 16,
+                 layout: str = "parallel"):
         super().__init__()
         from .models.sdxl_unet import SpatialTransformer
-        self.transformer = SpatialTransformer(channels, channels // head_channels, head_channels, depth, context_dim,
-                                              min(32, channels // 4))
+        if layout not in self.LAYOUTS:
+            raise ValueError(f"layout must be one of {self.LAYOUTS}, got {layout!r}")
+        self.layout = layout
+        groups = min(32, channels // 4)
+        heads = channels // head_channels
+        if layout == "stack":
+            self.transformer = SpatialTransformer(channels, heads, head_channels, depth, context_dim, groups)
+        else:
+            self.blocks = nn.ModuleList(SpatialTransformer(channels, heads, head_channels, 1, context_dim, groups)
+                                        for _ in range(depth))
         self.output_scale = 1.0
 
     def forward(self, x, timesteps=None, context=None, y=None):
-        out = self.transformer(x, context)
+        if self.layout == "stack":
+            out = self.transformer(x, context)
+        else:
+            out = torch.stack([block(x, context) - x for block in self.blocks], 1)
         return out if self.output_scale == 1.0 else out * self.output_scale
 
 
@@ -205,15 +227,15 @@ class RandomConditioning:
 
 #: the planted-rank task of the demo and benchmarks/planted_ranks.py (spec §7)
 PLANTED_TASK = dict(channels=128, depth=15, context_dim=128, head_channels=16, size=4, tokens=16,
-                    levels=(1, 2, 4, 8, 16, 32, 64))
+                    levels=(1, 2, 4, 8, 16, 32, 64), layout="parallel")
 
 
 @torch.no_grad()
 def build_planted_task(seed: int = 0, levels=None, **overrides):
     """(student model, teacher, plan, data) of the planted-rank task (spec §7).
 
-    Model: :class:`PlantedStack` (random weights, seeded); plan: :func:`plan_level_ranks` on the
-    cross-attention value/output pairs; teacher: the model plus the planted ΔW, every planted
+    Model: :class:`PlantedStack` (random weights, seeded; ``layout`` parallel or stack); plan:
+    :func:`plan_level_ranks` on the cross-attention value/output pairs; teacher: the model plus the planted ΔW, every planted
     direction moving the output equally (:func:`balanced_gains`, calibrated on 8 inputs of their
     own stream), and both outputs scaled so that the untrained student's mismatch is 1 on those
     inputs; data: Gaussian tokens and text conditioning (:class:`RandomConditioning`).
@@ -222,7 +244,8 @@ def build_planted_task(seed: int = 0, levels=None, **overrides):
 
     o = {**PLANTED_TASK, **overrides}
     torch.manual_seed(seed)
-    model = PlantedStack(o["channels"], o["depth"], o["context_dim"], o["head_channels"]).requires_grad_(False)
+    model = PlantedStack(o["channels"], o["depth"], o["context_dim"], o["head_channels"],
+                         o["layout"]).requires_grad_(False)
     plan = plan_level_ranks(target_modules(model), levels or o["levels"], seed=seed)
     data = RandomConditioning(o["channels"], o["size"], o["context_dim"], 1, tokens=o["tokens"])
     g = torch.Generator().manual_seed(404_000 + seed)

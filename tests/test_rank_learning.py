@@ -106,8 +106,9 @@ def test_balanced_gains_equalize_output_change_per_direction():
 
 @pytest.fixture(scope="module")
 def planted_stack_run():
-    """The planted-rank task of the demo and benchmark, small enough for CI: 6 SDXL transformer blocks whose
-    cross-attention value/output pairs carry ranks 2, 8 and 32 (two pairs each), 36 components at rank 0;
+    """The planted-rank task of the demo and benchmark, small enough for CI: 6 SDXL transformer blocks (side by
+    side, the task's default layout) whose cross-attention value/output pairs carry ranks 2, 8 and 32 (two pairs
+    each), 36 components at rank 0;
     LoRA² with the demo's settings for 200 steps.  Returns (plan, learned D(ν), mismatch before, after)."""
     from lora2_train.config import LoRA2Config
     from lora2_train.demo import DEMO_CONFIG
@@ -139,8 +140,6 @@ def test_lora2_learns_the_planted_stack_teacher_with_ragged_ranks(planted_stack_
     assert sum(r <= 2 for r in zeros) >= len(zeros) // 2, zeros  # the regularizer holds unneeded rank down
 
 
-@pytest.mark.xfail(strict=True, reason="known defect: on this task the learned ranks do not rise with the planted "
-                   "ones (README, Planted ranks); an XPASS means it was fixed: drop this mark")
 def test_learned_ranks_follow_planted_ranks_in_the_planted_stack(planted_stack_run):
     """Fails when ν stops learning from the data (ranks all alike) or the ordering breaks."""
     import statistics
