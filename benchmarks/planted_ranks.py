@@ -2,8 +2,10 @@
 
 Task (spec §7; identical for every arm; `lora2_train.planted.build_planted_task`):
   model = 15 SDXL transformer blocks (`BasicTransformerBlock`: self-attention, cross-attention on a
-  128-wide text context, GEGLU feed-forward) stacked in one `SpatialTransformer`, width 128, random
-  weights: 120 attention components, the paper's targets;
+  128-wide text context, GEGLU feed-forward), width 128, random weights, 120 attention components (the
+  paper's targets); by default the blocks sit side by side, each reading the same tokens, and the output
+  stacks what each adds (`--layout stack`: in sequence, where a change planted in one block can be imitated
+  by changes spread over the later ones — see `identifiability` below);
   teacher = the model + planted ΔW:
   - the cross-attention value/output pairs get planted ranks from `--levels` (default 1,2,4,8,16,32,64),
     each level on the same number of pairs (2 pairs = 4 components per level by default), both members
@@ -27,7 +29,10 @@ Reported (last line, JSON), per seed and mean: `spearman_planted` (learned effec
 planted rank over the non-zero components only), `level_means` (mean learned rank per planted level),
 `zero_at_floor` (share of rank-0 components that ended at r_min = 1), `spearman_all`, the tuned
 fixed-rank table and `params_ratio_at_equal_mse` (parameters of the smallest tuned fixed rank whose test
-error is at most LoRA²'s, interpolated on log parameters, over LoRA²'s).
+error is at most LoRA²'s, interpolated on log parameters, over LoRA²'s), and `identifiability`: where the
+largest fixed rank puts its change (Spearman of its per-component ‖ΔW‖ and energy rank against the planted
+ranks, share of Σ‖ΔW‖² in planted components) — a check of the task, which no rank learner can pass
+if a student with room for every plant does not put its change where the plants are.
 
     python benchmarks/planted_ranks.py                       # seeds 0,1,2 (two worker processes)
     python benchmarks/planted_ranks.py --seeds 5,6 --levels 1,3,6,12,24,48

@@ -1,7 +1,7 @@
 """`python -m lora2_train demo`: LoRA² on a planted-rank teacher, the task of benchmarks/planted_ranks.py.
 
-The model is a stack of 15 SDXL transformer blocks (random weights, width 128); the teacher is
-the same stack with ΔW of known rank planted in its cross-attention value/output pairs (ranks
+The model is 15 SDXL transformer blocks side by side (random weights, width 128); the teacher is
+the same model with ΔW of known rank planted in its cross-attention value/output pairs (ranks
 1…64, two pairs per rank) and nothing planted elsewhere (spec §7).  LoRA² distils the teacher
 and should give each component a rank that rises with the rank planted in it.
 

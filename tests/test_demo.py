@@ -14,8 +14,8 @@ def test_demo_writes_ragged_adapter_chart_and_summary(tmp_path):
     for name in OUTPUTS:
         assert (tmp_path / name).exists()
     ad = load_adapter(tmp_path / "lora2_demo.safetensors")
-    assert len(ad.modules) == 120  # 15 transformer blocks × 8 attention projections
-    assert all(k.startswith("lora_unet_transformer_transformer_blocks_") for k in ad.modules)
+    assert len(ad.modules) == 120  # 15 transformer blocks side by side × 8 attention projections
+    assert all(k.startswith("lora_unet_blocks_") and "_transformer_blocks_0_attn" in k for k in ad.modules)
     ranks = ad.ranks()
     assert len(set(ranks.values())) >= 2, "per-module ranks should differ"
     assert json.loads(ad.metadata["lora2_ranks"]) == ranks
