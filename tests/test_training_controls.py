@@ -194,3 +194,43 @@ def test_snapshots_every_n_steps_before_reallocation_never_at_the_last_step():
     seen = []
     Trainer(unet, net, data, cfg, on_save=seen.append).train()
     assert seen == [2]  # step 4 is the run's own file
+
+
+# ---- Cancel → resume ------------------------------------------------------------------------------
+def test_cancel_and_resume_keeps_the_schedule_data_and_accumulation_position(tmp_path):
+    """A cosine run with warm-up, gradient accumulation, min-SNR, noise offset and the entropy term, stopped
+    at step 3 and resumed from its checkpoint, takes the same learning rates at every step and ends with the
+    same weights as the run that was never stopped."""
+    kw = dict(steps=6, lr_scheduler="cosine", lr_warmup_steps=2, gradient_accumulation_steps=2, batch_size=1,
+              nu_lr=0.3, resize_every=2, lambda_e=0.1, entropy_queries=4, min_snr_gamma=5.0, noise_offset=0.1,
+              checkpoint_every=100)
+
+    def run(out_dir=None, stop_at=None, resume=None):
+        unet, net, _, cfg = setup(**kw)
+        calls = iter(range(100))
+        stop = (lambda: next(calls) >= stop_at) if stop_at is not None else None
+        events = []
+        t = Trainer(unet, net, examples(5), cfg, out_dir=out_dir, should_stop=stop, callback=events.append,
+                    entropy_root=unet)
+        seen = _recording(t)
+        if resume is not None:  # the optimizer is rebuilt on load: record on the rebuilt one
+            t.load_checkpoint(resume)
+            seen = _recording(t)
+        res = t.train()
+        return res, net, [lrs for lrs, _ in seen], events
+
+    res, net, lrs, events = run()
+    straight, straight_lrs, straight_losses = _state(net), lrs, [e.loss for e in events]
+    assert straight_lrs[0] == [0.0, 0.0] and straight_lrs[2] == pytest.approx([1e-3, 0.3])  # warm-up, then peak
+
+    res, _, first_lrs, first_events = run(tmp_path, stop_at=3)
+    assert res.stopped and res.steps == 3 and (tmp_path / "checkpoint.pt").exists()
+    res, net, rest_lrs, rest_events = run(tmp_path, resume=tmp_path / "checkpoint.pt")
+    assert res.steps == 6 and not res.stopped
+    assert first_lrs + rest_lrs == straight_lrs
+    assert [e.loss for e in first_events + rest_events] == pytest.approx(straight_losses, rel=1e-6)
+    resumed = _state(net)
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        assert straight[k].shape == resumed[k].shape, k
+        assert torch.allclose(straight[k], resumed[k], atol=1e-6), (k, float((straight[k] - resumed[k]).abs().max()))
