@@ -158,10 +158,12 @@ class Trainer:
 
     def _make_optimizer(self):
         """``config.optimizer`` over the network's groups (:func:`lora2_train.optim.build_optimizer`;
-        ρ keeps its own rate ``nu_lr`` under every optimizer)."""
+        ρ keeps its own rate ``nu_lr`` under every optimizer, text-encoder LoRA weights ``text_encoder_lr``)."""
         c = self.config
-        groups = self.network.param_groups()
-        groups[0]["weight_decay"] = c.weight_decay
+        groups = self.network.param_groups()  # U-Net LoRA weights (text-encoder ones at text_encoder_lr), ρ
+        for g in groups:
+            if g.get("name") != "nu":
+                g["weight_decay"] = c.weight_decay
         opt = build_optimizer(c.optimizer, groups, c.lr, **dict(c.extra.get("optimizer_args", {})))
         self._base_lrs = [g["lr"] for g in opt.param_groups]  # lr_scheduler multiplies these
         return opt

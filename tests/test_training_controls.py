@@ -234,3 +234,56 @@ def test_cancel_and_resume_keeps_the_schedule_data_and_accumulation_position(tmp
     for k in straight:
         assert straight[k].shape == resumed[k].shape, k
         assert torch.allclose(straight[k], resumed[k], atol=1e-6), (k, float((straight[k] - resumed[k]).abs().max()))
+
+
+# ---- text-encoder learning rate ------------------------------------------------------------------
+class _WithTextEncoder(torch.nn.Module):
+    """A U-Net whose context comes from a text encoder run in the step, so text-encoder LoRAs get gradients."""
+
+    def __init__(self, unet, te):
+        super().__init__()
+        self.unet, self.te = unet, te
+
+    def forward(self, x_t, t, input_ids, y):
+        return self.unet(x_t, t, context=self.te(input_ids=input_ids).last_hidden_state, y=y)
+
+
+def test_text_encoder_loras_get_their_own_scheduled_learning_rate():
+    from lora2_train.models import SDXLUNet, koala_700m_config, reduced
+    from lora2_train.network import LoRA2Network
+    from tests_helpers import tiny_clip_text_model
+
+    g = torch.Generator().manual_seed(2)
+    data = [{"latents": torch.randn(4, 8, 8, generator=g),
+             "cond": {"input_ids": torch.randint(0, 100, (6,), generator=g), "y": torch.randn(64, generator=g)}}
+            for _ in range(3)]
+    for te_lr, expected in ((5e-4, 5e-4), (0.0, 1e-3)):  # 0: the LoRA learning rate
+        torch.manual_seed(0)
+        unet = SDXLUNet(reduced(koala_700m_config(), model_channels=16, context_dim=32, head_channels=8))
+        te = tiny_clip_text_model()
+        unet.requires_grad_(False), te.requires_grad_(False)
+        cfg = LoRA2Config(r_init=4, r_target=4, r_max=16, lr=1e-3, nu_lr=1e-2, steps=3, resize_every=2,
+                          targets=("attn1", "attn2", "te_attn"), text_encoder_lr=te_lr, lr_scheduler="cosine",
+                          lr_warmup_steps=1, weight_decay=0.01)
+        net = LoRA2Network(cfg, unet, [te]).apply_to()
+        groups = net.param_groups()
+        assert [gr["name"] for gr in groups] == ["lora", "lora_te", "nu"]
+        assert [gr["lr"] for gr in groups] == [1e-3, expected, 1e-2]
+        te_params = {id(p) for k, l in net.layers.items() if k.startswith("lora_te1_") for p in (l.lora_down, l.lora_up)}
+        assert {id(p) for p in groups[1]["params"]} == te_params and len(te_params) == 2 * 4 * 2
+        assert not te_params & {id(p) for p in groups[0]["params"]}
+        before = {k: l.lora_up.detach().clone() for k, l in net.layers.items() if k.startswith("lora_te1_")}
+        t = Trainer(_WithTextEncoder(unet, te), net, data, cfg)
+        assert [gr["weight_decay"] for gr in t.optimizer.param_groups] == [0.01, 0.01, 0.0]
+        seen = _recording(t)
+        t.train()
+        for s, (lrs, _) in enumerate(seen):  # scheduled like the others
+            m = lr_multiplier("cosine", s, 1, 3)
+            assert lrs == pytest.approx([1e-3 * m, expected * m, 1e-2 * m])
+        # the text-encoder LoRAs trained (B starts at 0; it moved)
+        assert all(float(net.layers[k].lora_up.detach().abs().max()) > 0 for k in before)
+    # a U-Net-only network keeps its two groups
+    unet, net, _, cfg = setup(text_encoder_lr=5e-4)
+    assert [gr["name"] for gr in net.param_groups()] == ["lora", "nu"]
+    with pytest.raises(ConfigError, match="LoRA2Config.text_encoder_lr "):
+        LoRA2Config(text_encoder_lr=-1e-4)
