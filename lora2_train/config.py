@@ -52,7 +52,10 @@ class LoRA2Config:
     ``lr_warmup_steps``; ``min_snr_gamma`` min-SNR-γ loss weighting (0 = off);
     ``noise_offset``; ``loss_type`` mse | huber (pseudo-Huber with ``huber_c``);
     ``prediction_type`` epsilon | v_prediction and ``zero_terminal_snr`` of the
-    model's noise schedule; ``save_every_n_steps`` adapter snapshots (0 = off).
+    model's noise schedule; ``save_every_n_steps`` adapter snapshots (0 = off);
+    ``text_encoder_lr`` learning rate of the text-encoder LoRA weights (targets
+    ``te_attn``/``te_mlp``; 0 = ``lr``), in their own optimizer group, scheduled
+    like the others.
     """
 
     q: float = 0.9
@@ -90,6 +93,7 @@ class LoRA2Config:
     prediction_type: str = "epsilon"
     zero_terminal_snr: bool = False
     save_every_n_steps: int = 0
+    text_encoder_lr: float = 0.0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -104,7 +108,7 @@ class LoRA2Config:
             raise ConfigError(f"LoRA2Config.{name} {why}, got {getattr(self, name)!r}")
 
         for name in ("q", "lambda_r", "lambda_e", "beta", "lr", "nu_lr", "weight_decay", "scale", "max_grad_norm",
-                     "min_snr_gamma", "noise_offset", "huber_c"):
+                     "min_snr_gamma", "noise_offset", "huber_c", "text_encoder_lr"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 bad(name, "must be a finite number")
@@ -126,7 +130,7 @@ class LoRA2Config:
         if not self.r_min <= self.r_target <= self.r_max:
             bad("r_target", f"must lie in [r_min={self.r_min}, r_max={self.r_max}]")
         for name in ("lambda_r", "lambda_e", "beta", "weight_decay", "max_grad_norm", "min_snr_gamma",
-                     "noise_offset"):
+                     "noise_offset", "text_encoder_lr"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
         for name in ("lr", "nu_lr", "scale", "huber_c"):

@@ -137,14 +137,24 @@ class LoRA2Network(nn.Module):
     def rank_parameters(self) -> list[nn.Parameter]:
         return [l.rho for l in self.layers.values()]
 
-    def param_groups(self, lr: float | None = None, nu_lr: float | None = None) -> list[dict]:
-        """Optimizer groups: LoRA weights at `lr`, rank parameters ρ at `nu_lr` (no weight decay)."""
+    def param_groups(self, lr: float | None = None, nu_lr: float | None = None,
+                     text_encoder_lr: float | None = None) -> list[dict]:
+        """Optimizer groups: the U-Net's LoRA weights at `lr` ("lora"), the text encoders' at
+        `text_encoder_lr` ("lora_te"; config ``text_encoder_lr``, 0 meaning `lr`), rank parameters ρ at
+        `nu_lr` ("nu", no weight decay).  A weight group without parameters is left out."""
         c = self.config
-        return [
-            {"params": self.weight_parameters(), "lr": c.lr if lr is None else lr, "name": "lora"},
-            {"params": self.rank_parameters(), "lr": c.nu_lr if nu_lr is None else nu_lr,
-             "weight_decay": 0.0, "name": "nu"},
-        ]
+        lr = c.lr if lr is None else lr
+        te_lr = c.text_encoder_lr if text_encoder_lr is None else text_encoder_lr
+        unet, te = [], []
+        for key, l in self.layers.items():
+            (te if key.startswith(naming.TE_PREFIXES) else unet).extend((l.lora_down, l.lora_up))
+        groups = [{"params": unet, "lr": lr, "name": "lora"}]
+        if te:
+            groups.append({"params": te, "lr": te_lr or lr, "name": "lora_te"})
+        groups = [g for g in groups if g["params"]]
+        groups.append({"params": self.rank_parameters(), "lr": c.nu_lr if nu_lr is None else nu_lr,
+                       "weight_decay": 0.0, "name": "nu"})
+        return groups
 
     def num_parameters(self) -> int:
         """LoRA parameters as saved: Σ_ℓ D_ℓ·(in_ℓ·k_ℓ + out_ℓ)."""

@@ -158,10 +158,12 @@ class Trainer:
 
     def _make_optimizer(self):
         """``config.optimizer`` over the network's groups (:func:`lora2_train.optim.build_optimizer`;
-        ρ keeps its own rate ``nu_lr`` under every optimizer)."""
+        ρ keeps its own rate ``nu_lr`` under every optimizer, text-encoder LoRA weights ``text_encoder_lr``)."""
         c = self.config
-        groups = self.network.param_groups()
-        groups[0]["weight_decay"] = c.weight_decay
+        groups = self.network.param_groups()  # U-Net LoRA weights (text-encoder ones at text_encoder_lr), ρ
+        for g in groups:
+            if g.get("name") != "nu":
+                g["weight_decay"] = c.weight_decay
         opt = build_optimizer(c.optimizer, groups, c.lr, **dict(c.extra.get("optimizer_args", {})))
         self._base_lrs = [g["lr"] for g in opt.param_groups]  # lr_scheduler multiplies these
         return opt
@@ -201,6 +203,8 @@ class Trainer:
             "rng_torch": torch.get_rng_state(),
             "rng_data": self.generator.get_state(),
             "rng_data_processes": rng_data,
+            # the entropy term's query subsets (every process starts this stream from the same seed)
+            "rng_entropy": self.entropy.generator.get_state() if self.entropy is not None else None,
             "history": json.dumps(self.history),
         }
         import io
@@ -212,7 +216,8 @@ class Trainer:
         return written
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Resume: ν, weights (at their saved ranks), optimizer state, fp16 loss scale, step, RNG and rank history."""
+        """Resume: ν, weights (at their saved ranks), optimizer state, fp16 loss scale, step, RNG (torch, data,
+        entropy query subsets) and rank history.  The learning-rate schedule follows from the step."""
         path = Path(path)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -241,6 +246,12 @@ class Trainer:
             self.generator.set_state(per_process[self.rank])
         else:  # saved by another number of processes: this one starts its data stream from its seed
             self.generator.manual_seed(self._data_seed() + self.step)
+        if self.entropy is not None:
+            saved_entropy = state.get("rng_entropy")
+            if saved_entropy is not None:
+                self.entropy.generator.set_state(saved_entropy)
+            else:  # no saved stream (λ_e was 0 or an older checkpoint): one that depends on the step
+                self.entropy.generator.manual_seed(self.config.seed + self.step)
         self.history = json.loads(state["history"])
 
     # ---- one step ----------------------------------------------------------------------------

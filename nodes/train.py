@@ -310,7 +310,14 @@ class TrainLoRA2:
             raise FileNotFoundError(f"resume_from: {resume_from}: no such checkpoint file")
         if latents is None:
             examples = self._examples(dataset_path, images, captions, instance_prompt, resolution, buckets)
+            pixels = max(ex.target_size[0] * ex.target_size[1] for ex in examples)
+        else:
+            lats = latents if isinstance(latents, (list, tuple)) else [latents]
+            pixels = max((int(d["samples"].shape[-2]) * int(d["samples"].shape[-1]) * 64 for d in lats
+                          if isinstance(d, dict) and isinstance(d.get("samples"), torch.Tensor)), default=0)
         _free_memory()  # other models out of the way (VAE and CLIP load on their own for encoding)
+        # fail before encoding and loading when the run cannot fit on the GPU (rough estimate; CPU: no check)
+        _check_memory(base, config, pixels, getattr(model, "load_device", None) or mm.get_torch_device())
         if latents is not None:
             data = _data_from_latents(base, latents, positive)
         else:
@@ -637,6 +644,37 @@ def _free_memory():
         fn = getattr(mm, name, None)
         if fn is not None:
             fn()
+
+
+def _check_memory(base, config, pixels, device, mem_get_info=None):
+    """Refuse, in one line, a CUDA run whose rough memory estimate (:mod:`lora2_train.memory`: U-Net weights,
+    LoRA at r_max with gradients and optimizer state, activations of `pixels` per image at the batch size and
+    gradient checkpointing) exceeds the free device memory plus what the U-Net already holds there.  Returns
+    the estimate, or None on other devices (nothing is checked)."""
+    import torch
+
+    from lora2_train import memory as M
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    unet = base.diffusion_model
+    weights = resident = 0
+    for p in unet.parameters():
+        size = p.numel() * p.element_size()
+        weights += size
+        if p.device.type == "cuda" and (device.index is None or p.device.index == device.index):
+            resident += size
+    dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+    params = M.lora_parameters(M.target_shapes(unet, config.targets), config.r_max, config.max_params)
+    est = M.estimate(weights, params, pixels, config.batch_size, config.gradient_checkpointing, config.optimizer,
+                     torch.empty((), dtype=dtype).element_size())
+    free, _total = (mem_get_info or torch.cuda.mem_get_info)(device)
+    try:
+        M.check_fits(est, free, resident, str(device), config.gradient_checkpointing)
+    except MemoryError as e:
+        raise MemoryError(f"Train LoRA² (SDXL): {e}") from None
+    return est
 
 
 def _model_sampling(model):

@@ -88,7 +88,12 @@ def test_config_files_are_valid_toml(tmp_path):
     assert args["r_target"] == "8" and args["q"] == "0.8" and args["targets"] == "attn1,attn2,ff"
     assert s["network_train_unet_only"] is True and s["cache_text_encoder_outputs"] is True
     assert s["max_train_steps"] == 30 and s["save_every_n_steps"] == 10 and s["min_snr_gamma"] == 5.0
-    assert "tokenizer_cache_dir" not in s
+    assert "tokenizer_cache_dir" not in s and "text_encoder_lr" not in s
+    for te_lr, expected in ((5e-5, 5e-5), (0.0, 2e-4)):  # text-encoder LoRAs: their own rate, 0 = the U-Net's
+        te_cfg = LoRA2Config(targets=("attn1", "te_attn"), lr=2e-4, text_encoder_lr=te_lr)
+        te_s = launch.training_settings(tmp_path / "sdxl.safetensors", tmp_path / "d.toml", tmp_path, "mine",
+                                        te_cfg, steps=30, seed=3)
+        assert te_s["text_encoder_lr"] == expected and te_s["network_train_unet_only"] is False
     d = tomllib.loads(launch.dataset_toml(Path('C:\\odd "dir"'), 512, 2, "mine"))
     assert d["datasets"][0]["resolution"] == [512, 512]
     assert d["datasets"][0]["subsets"][0]["image_dir"] == 'C:\\odd "dir"'

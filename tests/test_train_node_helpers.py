@@ -219,3 +219,35 @@ def test_other_models_are_unloaded_through_model_management(train_mod, monkeypat
     del mm.soft_empty_cache  # an older ComfyUI without it: the rest still runs
     train_mod._free_memory()
     assert calls == ["unload", "empty", "unload"]
+
+
+def test_memory_check_refuses_a_cuda_run_that_cannot_fit_and_skips_the_cpu(train_mod):
+    """Fake free memory: the decision of the node (the estimate itself is tested in test_memory.py)."""
+    from lora2_train.config import LoRA2Config
+    from lora2_train.memory import GIB
+
+    class Base:
+        diffusion_model = torch.nn.Sequential()
+        diffusion_model.add_module("attn1", torch.nn.Module())
+        diffusion_model.attn1.add_module("to_q", torch.nn.Linear(64, 64, bias=False))  # 16 KiB of weights
+
+        def get_dtype(self):
+            return torch.float16
+
+    def no_query(device):
+        raise AssertionError("the CPU is not checked")
+
+    cfg = LoRA2Config(r_init=8, r_target=8, r_max=32, batch_size=2, gradient_checkpointing=False)
+    assert train_mod._check_memory(Base(), cfg, 1024 * 1024, "cpu", mem_get_info=no_query) is None
+    asked = []
+    est = train_mod._check_memory(Base(), cfg, 1024 * 1024, "cuda:0",
+                                  mem_get_info=lambda d: (asked.append(str(d)), (40 * GIB, 80 * GIB))[1])
+    assert asked == ["cuda:0"]
+    # 2 × 1024² pixels × 16 KiB (fp16, no checkpointing) = 32 GiB of activations; 32·128 LoRA parameters × 16 B
+    assert est.activations == 32 * GIB and est.lora == 32 * 128 * 16 and est.weights == 64 * 64 * 4
+    with pytest.raises(MemoryError, match=r"^Train LoRA² \(SDXL\): this run needs about 32\.0 GiB on cuda:0 .* "
+                                          r"only 30\.0 GiB are available; lower batch_size, resolution or r_max .*"
+                                          r"gradient_checkpointing on$"):
+        train_mod._check_memory(Base(), cfg, 1024 * 1024, "cuda:0", mem_get_info=lambda d: (30 * GIB, 80 * GIB))
+    cfg.gradient_checkpointing = True  # 2 × 2.5 GiB: fits
+    assert train_mod._check_memory(Base(), cfg, 1024 * 1024, "cuda", mem_get_info=lambda d: (30 * GIB, 80 * GIB))

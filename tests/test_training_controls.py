@@ -194,3 +194,96 @@ def test_snapshots_every_n_steps_before_reallocation_never_at_the_last_step():
     seen = []
     Trainer(unet, net, data, cfg, on_save=seen.append).train()
     assert seen == [2]  # step 4 is the run's own file
+
+
+# ---- Cancel → resume ------------------------------------------------------------------------------
+def test_cancel_and_resume_keeps_the_schedule_data_and_accumulation_position(tmp_path):
+    """A cosine run with warm-up, gradient accumulation, min-SNR, noise offset and the entropy term, stopped
+    at step 3 and resumed from its checkpoint, takes the same learning rates at every step and ends with the
+    same weights as the run that was never stopped."""
+    kw = dict(steps=6, lr_scheduler="cosine", lr_warmup_steps=2, gradient_accumulation_steps=2, batch_size=1,
+              nu_lr=0.3, resize_every=2, lambda_e=0.1, entropy_queries=4, min_snr_gamma=5.0, noise_offset=0.1,
+              checkpoint_every=100)
+
+    def run(out_dir=None, stop_at=None, resume=None):
+        unet, net, _, cfg = setup(**kw)
+        calls = iter(range(100))
+        stop = (lambda: next(calls) >= stop_at) if stop_at is not None else None
+        events = []
+        t = Trainer(unet, net, examples(5), cfg, out_dir=out_dir, should_stop=stop, callback=events.append,
+                    entropy_root=unet)
+        seen = _recording(t)
+        if resume is not None:  # the optimizer is rebuilt on load: record on the rebuilt one
+            t.load_checkpoint(resume)
+            seen = _recording(t)
+        res = t.train()
+        return res, net, [lrs for lrs, _ in seen], events
+
+    res, net, lrs, events = run()
+    straight, straight_lrs, straight_losses = _state(net), lrs, [e.loss for e in events]
+    assert straight_lrs[0] == [0.0, 0.0] and straight_lrs[2] == pytest.approx([1e-3, 0.3])  # warm-up, then peak
+
+    res, _, first_lrs, first_events = run(tmp_path, stop_at=3)
+    assert res.stopped and res.steps == 3 and (tmp_path / "checkpoint.pt").exists()
+    res, net, rest_lrs, rest_events = run(tmp_path, resume=tmp_path / "checkpoint.pt")
+    assert res.steps == 6 and not res.stopped
+    assert first_lrs + rest_lrs == straight_lrs
+    assert [e.loss for e in first_events + rest_events] == pytest.approx(straight_losses, rel=1e-6)
+    resumed = _state(net)
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        assert straight[k].shape == resumed[k].shape, k
+        assert torch.allclose(straight[k], resumed[k], atol=1e-6), (k, float((straight[k] - resumed[k]).abs().max()))
+
+
+# ---- text-encoder learning rate ------------------------------------------------------------------
+class _WithTextEncoder(torch.nn.Module):
+    """A U-Net whose context comes from a text encoder run in the step, so text-encoder LoRAs get gradients."""
+
+    def __init__(self, unet, te):
+        super().__init__()
+        self.unet, self.te = unet, te
+
+    def forward(self, x_t, t, input_ids, y):
+        return self.unet(x_t, t, context=self.te(input_ids=input_ids).last_hidden_state, y=y)
+
+
+def test_text_encoder_loras_get_their_own_scheduled_learning_rate():
+    from lora2_train.models import SDXLUNet, koala_700m_config, reduced
+    from lora2_train.network import LoRA2Network
+    from tests_helpers import tiny_clip_text_model
+
+    g = torch.Generator().manual_seed(2)
+    data = [{"latents": torch.randn(4, 8, 8, generator=g),
+             "cond": {"input_ids": torch.randint(0, 100, (6,), generator=g), "y": torch.randn(64, generator=g)}}
+            for _ in range(3)]
+    for te_lr, expected in ((5e-4, 5e-4), (0.0, 1e-3)):  # 0: the LoRA learning rate
+        torch.manual_seed(0)
+        unet = SDXLUNet(reduced(koala_700m_config(), model_channels=16, context_dim=32, head_channels=8))
+        te = tiny_clip_text_model()
+        unet.requires_grad_(False), te.requires_grad_(False)
+        cfg = LoRA2Config(r_init=4, r_target=4, r_max=16, lr=1e-3, nu_lr=1e-2, steps=3, resize_every=2,
+                          targets=("attn1", "attn2", "te_attn"), text_encoder_lr=te_lr, lr_scheduler="cosine",
+                          lr_warmup_steps=1, weight_decay=0.01)
+        net = LoRA2Network(cfg, unet, [te]).apply_to()
+        groups = net.param_groups()
+        assert [gr["name"] for gr in groups] == ["lora", "lora_te", "nu"]
+        assert [gr["lr"] for gr in groups] == [1e-3, expected, 1e-2]
+        te_params = {id(p) for k, l in net.layers.items() if k.startswith("lora_te1_") for p in (l.lora_down, l.lora_up)}
+        assert {id(p) for p in groups[1]["params"]} == te_params and len(te_params) == 2 * 4 * 2
+        assert not te_params & {id(p) for p in groups[0]["params"]}
+        before = {k: l.lora_up.detach().clone() for k, l in net.layers.items() if k.startswith("lora_te1_")}
+        t = Trainer(_WithTextEncoder(unet, te), net, data, cfg)
+        assert [gr["weight_decay"] for gr in t.optimizer.param_groups] == [0.01, 0.01, 0.0]
+        seen = _recording(t)
+        t.train()
+        for s, (lrs, _) in enumerate(seen):  # scheduled like the others
+            m = lr_multiplier("cosine", s, 1, 3)
+            assert lrs == pytest.approx([1e-3 * m, expected * m, 1e-2 * m])
+        # the text-encoder LoRAs trained (B starts at 0; it moved)
+        assert all(float(net.layers[k].lora_up.detach().abs().max()) > 0 for k in before)
+    # a U-Net-only network keeps its two groups
+    unet, net, _, cfg = setup(text_encoder_lr=5e-4)
+    assert [gr["name"] for gr in net.param_groups()] == ["lora", "nu"]
+    with pytest.raises(ConfigError, match="LoRA2Config.text_encoder_lr "):
+        LoRA2Config(text_encoder_lr=-1e-4)

@@ -258,6 +258,8 @@ def training_settings(base_checkpoint, dataset_config, output_dir, output_name, 
         "max_train_steps": steps,
         "learning_rate": config.lr,
         "unet_lr": config.lr,
+        # text-encoder LoRAs (targets te_attn / te_mlp): their own learning rate, 0 meaning the U-Net's
+        "text_encoder_lr": (config.text_encoder_lr or config.lr) if te else None,
         **optimizer_options(config),
         "lr_scheduler": "constant",
         "mixed_precision": config.mixed_precision,

@@ -170,24 +170,85 @@ def test_missing_dataset_folder_is_a_clear_node_error(comfyui_alive, koala_check
     assert "\n" not in err["exception_message"].strip()
 
 
-@pytest.mark.parametrize("name", ["lora2_train_sample_api.json", "lora2_load_budget_sample_api.json"])
+#: ComfyUI's dataset nodes (comfy_extras/nodes_dataset.py, ComfyUI 0.3.64 and later), which the early-2024 test
+#: ComfyUI lacks: their inputs and outputs as /object_info lists them, to check the examples that use them
+DATASET_NODES = {
+    "LoadImageTextDataSetFromFolder": {"input": {"required": {"folder": [[]]}}, "output": ["IMAGE", "STRING"]},
+    "MakeTrainingDataset": {"input": {"required": {"images": ["IMAGE"], "vae": ["VAE"], "clip": ["CLIP"]},
+                                      "optional": {"texts": ["STRING"]}},
+                            "output": ["LATENT", "CONDITIONING"]},
+}
+#: inputs whose choices are files or folders of the user's installation
+FILE_CHOICES = ("ckpt_name", "lora_name", "folder")
+WIDGET_TYPES = {"INT": int, "FLOAT": (int, float), "STRING": str, "BOOLEAN": bool}
+SEED_CONTROLS = ("fixed", "increment", "decrement", "randomize")
+
+
+def _node_info(info, class_type):
+    return info.get(class_type) or DATASET_NODES[class_type]
+
+
+@pytest.mark.parametrize("name", ["lora2_train_sample_api.json", "lora2_load_budget_sample_api.json",
+                                  "lora2_train_native_dataset_api.json"])
 def test_api_example_workflows_match_the_node_definitions(comfyui, name):
     """Every node of the API-format examples exists, gets all its required inputs and only known ones; choices
-    other than file names are valid."""
+    other than file names are valid; every link joins an output to an input of the same type."""
     graph = json.loads((H.REPO_ROOT / "example_workflows" / name).read_text())
     info = comfyui.object_info()
     for nid, node in graph.items():
-        spec = info[node["class_type"]]["input"]
+        spec = _node_info(info, node["class_type"])["input"]
         required, optional = spec.get("required", {}), spec.get("optional", {})
         assert set(required) <= set(node["inputs"]), (nid, set(required) - set(node["inputs"]))
         assert set(node["inputs"]) <= set(required) | set(optional), (nid, node["inputs"].keys())
         for key, value in node["inputs"].items():
+            kind = (required.get(key) or optional.get(key))[0]
             if isinstance(value, list):  # a link [node id, output slot]
                 assert value[0] in graph and isinstance(value[1], int), (nid, key)
+                source = _node_info(info, graph[value[0]]["class_type"])["output"][value[1]]
+                assert source == kind, (nid, key, source, kind)
                 continue
-            kind = (required.get(key) or optional.get(key))[0]
-            if isinstance(kind, list) and key not in ("ckpt_name", "lora_name"):
-                assert value in kind, (nid, key, value)
+            if isinstance(kind, list):
+                assert key in FILE_CHOICES or value in kind, (nid, key, value)
+            else:
+                assert isinstance(value, WIDGET_TYPES[kind]), (nid, key, value)
+
+
+@pytest.mark.parametrize("name", ["lora2_train_load_sample.json", "lora2_train_buckets.json"])
+def test_ui_train_workflows_match_the_node_definitions(comfyui, name):
+    """The hand-made UI-format train workflows: every node's widgets_values follow its inputs' order (required,
+    then optional widgets; a seed followed by its control value), with values of the widget's type and valid
+    choices; inputs, outputs and links agree with the node definitions."""
+    ui = json.loads((H.REPO_ROOT / "example_workflows" / name).read_text())
+    info = comfyui.object_info()
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    assert ui["last_node_id"] == max(nodes) and ui["last_link_id"] == max(link[0] for link in ui["links"])
+    for link_id, src, src_slot, dst, dst_slot, typ in ui["links"]:
+        out, inp = nodes[src]["outputs"][src_slot], nodes[dst]["inputs"][dst_slot]
+        assert link_id in out["links"] and inp["link"] == link_id
+        assert out["type"] == typ == inp["type"], (name, link_id)
+    for n in nodes.values():
+        if n["type"] == "Note":
+            continue
+        node_info = info[n["type"]]
+        specs = {**node_info["input"].get("required", {}), **node_info["input"].get("optional", {})}
+        sockets = [k for k, s in specs.items() if not (isinstance(s[0], list) or s[0] in WIDGET_TYPES)]
+        assert [i["name"] for i in n["inputs"]] == sockets, n["type"]
+        assert [o["type"] for o in n["outputs"]] == node_info["output"], n["type"]
+        values = iter(n["widgets_values"])
+        for key, s in specs.items():
+            if key in sockets:
+                continue
+            value = next(values)
+            if isinstance(s[0], list):
+                assert key in FILE_CHOICES or value in s[0], (n["type"], key, value)
+            else:
+                assert isinstance(value, WIDGET_TYPES[s[0]]) and not (s[0] != "BOOLEAN" and isinstance(value, bool)), \
+                    (n["type"], key, value)
+                low, high = s[1].get("min"), s[1].get("max")
+                assert (low is None or value >= low) and (high is None or value <= high), (n["type"], key, value)
+            if key in ("seed", "noise_seed"):
+                assert next(values) in SEED_CONTROLS, (n["type"], key)
+        assert next(values, None) is None, (n["type"], "more widgets_values than widgets")
 
 
 @pytest.mark.parametrize("case", ["no_checkout", "no_base"])
