@@ -22,6 +22,20 @@ SDXL_UNET = {
 }
 
 
+def import_pack(root):
+    """This repository imported as the ComfyUI custom-node package ``lora2_pack`` (as ComfyUI loads it);
+    returns its ``nodes.train`` module."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location("lora2_pack", os.path.join(root, "__init__.py"),
+                                                  submodule_search_locations=[root])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["lora2_pack"] = pack
+    spec.loader.exec_module(pack)
+    return sys.modules["lora2_pack.nodes.train"]
+
+
 def import_comfy(comfy_dir: Path):
     comfy_dir = str(Path(comfy_dir).resolve())
     if comfy_dir not in sys.path:

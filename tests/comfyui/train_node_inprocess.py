@@ -15,7 +15,6 @@ sys.path.insert(0, comfy_dir)
 import comfy.options  # noqa: E402
 
 comfy.options.enable_args_parsing()
-import importlib.util  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -30,12 +29,9 @@ os.makedirs(loras, exist_ok=True)
 folder_paths.folder_names_and_paths["loras"] = ([loras], {".safetensors"})
 folder_paths.set_output_directory(os.path.join(work, "output"))
 
-spec = importlib.util.spec_from_file_location("lora2_pack", os.path.join(ROOT, "__init__.py"),
-                                              submodule_search_locations=[ROOT])
-pack = importlib.util.module_from_spec(spec)
-sys.modules["lora2_pack"] = pack
-spec.loader.exec_module(pack)
-train_mod = sys.modules["lora2_pack.nodes.train"]
+from comfy_inprocess import import_pack  # noqa: E402  (this script's own folder is on sys.path)
+
+train_mod = import_pack(ROOT)
 
 from lora2_train.config import LoRA2Config  # noqa: E402
 from lora2_train.format import load_adapter, output_path  # noqa: E402
