@@ -34,7 +34,7 @@ largest fixed rank puts its change (Spearman of its per-component ‖ΔW‖ and 
 ranks, share of Σ‖ΔW‖² in planted components) — a check of the task, which no rank learner can pass
 if a student with room for every plant does not put its change where the plants are.
 
-    python benchmarks/planted_ranks.py                       # seeds 0,1,2 (two worker processes)
+    python benchmarks/planted_ranks.py                       # seeds 0,1,2, one worker process per core
     python benchmarks/planted_ranks.py --seeds 5,6 --levels 1,3,6,12,24,48
     python benchmarks/planted_ranks.py --quick               # one seed, 60 steps; used by the tests
 """
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -164,11 +165,10 @@ def identifiability(plan: dict, delta: dict) -> dict:
     }
 
 
-def tuned(task, arm, opts, seed, log) -> dict:
-    """The arm at every learning rate; the one with the lowest validation error is kept."""
-    runs = [train_arm(task, arm, lr, opts, seed) for lr in opts["lrs"]]
-    best = min(runs, key=lambda r: r["val"])
-    best["val_by_lr"] = {f"{r['lr']:g}": round(r["val"] / task.base_val, 4) for r in runs}
+def pick(task: Task, runs: list, arm, log) -> dict:
+    """The arm's run with the lowest validation error over the learning-rate sweep."""
+    best = dict(min(runs, key=lambda r: r["val"]))
+    best["val_by_lr"] = {f"{r['lr']:g}": round(r["val"] / task.base_val, 4) for r in sorted(runs, key=lambda r: r["lr"])}
     log(f"  {arm}: lr={best['lr']:g} params={best['params']} test={best['test'] / task.base_test:.4f} "
         f"(val by lr {best['val_by_lr']})")
     return best
@@ -188,28 +188,27 @@ def fixed_params_at_mse(fixed: dict, mse: float):
     return None
 
 
-def run_seed(opts, seed, log) -> dict:
-    t0 = time.perf_counter()
-    task = build_task(opts, seed)
-    log(f"seed {seed}: {len(task.plan)} components, {sum(v > 0 for v in task.plan.values())} planted; "
-        f"untrained test error {task.base_test:.4g}")
-    lora2 = tuned(task, "lora2", opts, seed, log)
-    noreg = train_arm(task, "noreg", lora2["lr"], opts, seed)  # the ablation at LoRA²'s learning rate
-    fixed = {r: tuned(task, r, opts, seed, log) for r in opts["ranks"]}
+def summarize(opts, seed, runs: dict, noreg: dict, seconds: float, log) -> dict:
+    """One seed's figures from its runs: runs[arm] = [one result per learning rate]."""
+    task = _task(opts, seed)
+    lora2 = pick(task, runs["lora2"], "lora2", log)
+    fixed = {r: pick(task, runs[r], r, log) for r in opts["ranks"]}
     rel = lambda v: round(v / task.base_test, 4)
     equal = fixed_params_at_mse(fixed, lora2["test"])
     out = {
         "seed": seed, **rank_metrics(task.plan, lora2["ranks"]),
         "lora2": {"params": lora2["params"], "test": rel(lora2["test"]), "lr": lora2["lr"],
-                  "mean_rank": round(statistics.fmean(lora2["ranks"].values()), 2)},
+                  "mean_rank": round(statistics.fmean(lora2["ranks"].values()), 2),
+                  "val_by_lr": lora2["val_by_lr"]},
         "noreg": {"params": noreg["params"], "test": rel(noreg["test"]),
                   "level_means": rank_metrics(task.plan, noreg["ranks"])["level_means"]},
-        "fixed": {str(r): {"params": v["params"], "test": rel(v["test"]), "lr": v["lr"]} for r, v in fixed.items()},
+        "fixed": {str(r): {"params": v["params"], "test": rel(v["test"]), "lr": v["lr"], "val_by_lr": v["val_by_lr"]}
+                  for r, v in fixed.items()},
         "params_ratio_at_equal_mse": round(equal / lora2["params"], 3) if equal else None,
         # the largest fixed rank: where does a student with room for every plant put its change?
         "identifiability": {"rank": max(fixed), **identifiability(task.plan, fixed[max(fixed)]["delta"])},
         "dominated_by": [r for r, v in fixed.items() if v["params"] <= lora2["params"] and v["test"] < lora2["test"]],
-        "seconds": round(time.perf_counter() - t0, 1),
+        "train_seconds": round(seconds, 1),
     }
     log(f"seed {seed}: spearman_planted={out['spearman_planted']} level_means={out['level_means']} "
         f"zero_at_floor={out['zero_at_floor']} params_ratio_at_equal_mse={out['params_ratio_at_equal_mse']} "
@@ -217,10 +216,54 @@ def run_seed(opts, seed, log) -> dict:
     return out
 
 
-def _seed_job(args):
-    opts, seed, threads = args
+_TASKS: dict = {}
+
+
+def _task(opts, seed) -> Task:
+    """The seed's task, built once per process (every arm of a seed trains on the same one)."""
+    key = (seed, opts["layout"], tuple(opts["levels"]), opts["steps"], opts["batch"])
+    if key not in _TASKS:
+        _TASKS.clear()
+        _TASKS[key] = build_task(opts, seed)
+    return _TASKS[key]
+
+
+def _job(args):
+    """One (seed, arm, learning rate) run in a worker; returns it with its wall time."""
+    opts, seed, arm, lr, threads = args
     torch.set_num_threads(threads)
-    return run_seed(opts, seed, lambda m: print(f"[seed {seed}] {m}", flush=True))
+    t0 = time.perf_counter()
+    res = train_arm(_task(opts, seed), arm, lr, opts, seed)
+    print(f"[seed {seed}] {arm} lr={lr:g}: val={res['val']:.4g} params={res['params']} "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    return (seed, arm, lr), res, time.perf_counter() - t0
+
+
+def _run_jobs(jobs, workers):
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            return list(pool.imap_unordered(_job, jobs, chunksize=1))
+    return [_job(j) for j in jobs]
+
+
+def run_all(opts, workers: int, threads: int, log) -> list:
+    """Every arm of every seed at every learning rate, spread over `workers` processes (longest first, sorted by
+    seed so each worker mostly keeps one task built), then the no-L_reg ablation at LoRA²'s selected rate."""
+    arms = ["lora2", *sorted(opts["ranks"], reverse=True)]
+    jobs = [(opts, s, a, lr, threads) for s in opts["seeds"] for a in arms for lr in opts["lrs"]]
+    done = _run_jobs(jobs, workers)
+    runs = {s: {a: [] for a in arms} for s in opts["seeds"]}
+    seconds = {s: 0.0 for s in opts["seeds"]}
+    for (s, a, _), res, sec in done:
+        runs[s][a].append(res)
+        seconds[s] += sec
+    best_lr = {s: min(runs[s]["lora2"], key=lambda r: r["val"])["lr"] for s in opts["seeds"]}
+    noreg = {}
+    for (s, _, _), res, sec in _run_jobs([(opts, s, "noreg", best_lr[s], threads) for s in opts["seeds"]], workers):
+        noreg[s] = res
+        seconds[s] += sec
+    return [summarize(opts, s, runs[s], noreg[s], seconds[s], log) for s in opts["seeds"]]
 
 
 def mean_of(per_seed, key):
@@ -240,7 +283,8 @@ def main(argv=None):
     ap.add_argument("--lrs", type=lambda s: tuple(float(v) for v in s.split(",")), help="learning-rate sweep")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--layout", choices=("parallel", "stack"), help="blocks side by side (default) or in sequence")
-    ap.add_argument("--jobs", type=int, default=3, help="seeds trained side by side in worker processes")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="worker processes; every (seed, arm, learning rate) run is one job (default: one per core)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     args = ap.parse_args(argv)
     opts = dict(QUICK if args.quick else FULL)
@@ -248,13 +292,7 @@ def main(argv=None):
         if getattr(args, name):
             opts[name] = getattr(args, name)
     t0 = time.perf_counter()
-    jobs = [(opts, s, args.threads) for s in opts["seeds"]]
-    if args.jobs > 1 and len(jobs) > 1:
-        import multiprocessing
-        with multiprocessing.get_context("spawn").Pool(min(args.jobs, len(jobs))) as pool:
-            per_seed = pool.map(_seed_job, jobs, chunksize=1)
-    else:
-        per_seed = [_seed_job(j) for j in jobs]
+    per_seed = run_all(opts, args.jobs, args.threads, lambda m: print(m, flush=True))
     mean = lambda key: round(statistics.fmean(s[key] for s in per_seed), 4)
     levels = list(per_seed[0]["level_means"])
     level_means = {v: round(statistics.fmean(s["level_means"][v] for s in per_seed), 2) for v in levels}
