@@ -216,7 +216,8 @@ class TrainLoRA2:
               base_checkpoint=NONE, resume_from="", gradient_checkpointing=True, optimizer="adamw",
               mixed_precision="bf16", fp8_base=False, full_bf16=False, max_params_millions=0.0, preset="none",
               gradient_accumulation_steps=1, max_grad_norm=1.0, lr_scheduler="constant", lr_warmup_steps=0,
-              text_encoder_lr=0.0, min_snr_gamma=0.0, noise_offset=0.0, loss_type="mse", huber_c=0.1, save_every_n_steps=0,
+              text_encoder_lr=0.0, min_snr_gamma=0.0, noise_offset=0.0, loss_type="mse", huber_c=0.1,
+              save_every_n_steps=0,
               aspect_buckets=True, min_bucket_reso=256, max_bucket_reso=2048, latents=None, positive=None,
               num_processes=1, sample_prompts="", sample_every_n_steps=0, sample_sampler="euler_a",
               unique_id=None):

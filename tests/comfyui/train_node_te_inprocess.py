@@ -97,7 +97,8 @@ with torch.inference_mode():  # ComfyUI executes every node, checkpoint loading 
                                   layer_norm_hidden_state=False, textmodel_json_config=clip_config("l", L_WIDTH,
                                                                                                    "quick_gelu"))
     clip_g = sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=cpu, dtype=torch.float16,
-                                  layer_norm_hidden_state=False, textmodel_json_config=clip_config("g", G_WIDTH, "gelu"),
+                                  layer_norm_hidden_state=False,
+                                  textmodel_json_config=clip_config("g", G_WIDTH, "gelu"),
                                   special_tokens={"start": 49406, "end": 49407, "pad": 0})
     randomize(clip_l, gen)
     randomize(clip_g, gen)
@@ -199,7 +200,8 @@ print(json.dumps({
     "saved": saved_name, "num_modules": len(saved.modules),
     "te1_keys": sorted(k for k in te_keys if k.startswith("lora_te1_")),
     "te2_keys": sorted(k for k in te_keys if k.startswith("lora_te2_")),
-    "te_ranks": sorted({m.rank for m in te_keys.values()}), "all_ranks": sorted({m.rank for m in saved.modules.values()}),
+    "te_ranks": sorted({m.rank for m in te_keys.values()}),
+    "all_ranks": sorted({m.rank for m in saved.modules.values()}),
     "te1_moved": len(moved("lora_te1_")), "te2_moved": len(moved("lora_te2_")),
     "te1_last_layer_moved": len(moved("lora_te1_", 2)),
     "groups": groups_seen[0] if groups_seen else None,
@@ -207,7 +209,8 @@ print(json.dumps({
     "config_targets": json.loads(saved.metadata["lora2_config"]).get("targets"),
     "clip_kept": clip_kept, "unet_kept": unet_kept,
     "loaded_clip_patches": len(loaded_clip.patcher.patches),
-    "cond_change": float((lora_cond - base_cond).abs().max()), "pooled_change": float((lora_pooled - base_pooled).abs().max()),
+    "cond_change": float((lora_cond - base_cond).abs().max()),
+    "pooled_change": float((lora_pooled - base_pooled).abs().max()),
     "cond_vs_reference": float((lora_cond - expect_cond).abs().max()),
     "pooled_vs_reference": float((lora_pooled - expect_pooled).abs().max()),
     "info": res["result"][4], "refusal": refusal,
