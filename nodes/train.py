@@ -9,6 +9,10 @@ dataset nodes — then ``lora2_train.trainer.Trainer`` runs L_MSE + λ_r·L_reg 
 type (ε or v) and discrete noise schedule of the model's ``model_sampling``.
 The base weights are never written; the result is applied through ModelPatcher
 patches.  Other models are unloaded through ComfyUI's model management first.
+Text-encoder targets (``te_attn``/``te_mlp``): LoRA² layers also wrap the Linear
+layers of the CLIP's two encoders (CLIP-L → ``lora_te1_``, CLIP-G → ``lora_te2_``),
+and each step recomputes the captions' conditioning through them with gradients
+(:class:`_TextConditioning`); their weights train at ``text_encoder_lr``.
 
 sd-scripts backend: ``lora2_train.kohya.launch.train_sd_scripts`` in a
 subprocess (``num_processes`` > 1: ``accelerate launch --multi_gpu``), with
@@ -61,7 +65,20 @@ def _vram_presets() -> list[str]:
 def _presets() -> list[str]:
     from lora2_train.config import TARGET_PRESETS
 
-    return list(TARGET_PRESETS)
+    return list(TARGET_PRESETS) + list(TEXT_ENCODER_CHOICES)
+
+
+#: `target_modules` choices that add LoRAs on SDXL's two text encoders (CLIP-L: lora_te1_, CLIP-G: lora_te2_) to
+#: the paper's attention targets; they train at `text_encoder_lr`
+TEXT_ENCODER_CHOICES = {
+    "attn+te_attn": "attn1,attn2,te_attn",
+    "attn+te_attn+te_mlp": "attn1,attn2,te_attn,te_mlp",
+}
+
+
+def _targets(target_modules: str) -> str:
+    """The node's `target_modules` choice as LoRA2Config targets (a preset name or a comma list of groups)."""
+    return TEXT_ENCODER_CHOICES.get(target_modules, target_modules)
 
 
 #: inputs that stay lists (ComfyUI passes every input as a list to an INPUT_IS_LIST node)
@@ -149,6 +166,9 @@ class TrainLoRA2:
                                             "clip the gradient norm (0 = off)"}),
                 "lr_scheduler": (list(LR_SCHEDULERS), {"default": "constant"}),
                 "lr_warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000}),
+                "text_encoder_lr": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-6, "round": False,
+                                              "tooltip": "learning rate of the text-encoder LoRAs (target_modules "
+                                              "with te_attn; both backends); 0 = learning_rate"}),
                 "min_snr_gamma": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip":
                                             "min-SNR-γ loss weighting (0 = off; 5 is usual)"}),
                 "noise_offset": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
@@ -196,7 +216,8 @@ class TrainLoRA2:
               base_checkpoint=NONE, resume_from="", gradient_checkpointing=True, optimizer="adamw",
               mixed_precision="bf16", fp8_base=False, full_bf16=False, max_params_millions=0.0, preset="none",
               gradient_accumulation_steps=1, max_grad_norm=1.0, lr_scheduler="constant", lr_warmup_steps=0,
-              min_snr_gamma=0.0, noise_offset=0.0, loss_type="mse", huber_c=0.1, save_every_n_steps=0,
+              text_encoder_lr=0.0, min_snr_gamma=0.0, noise_offset=0.0, loss_type="mse", huber_c=0.1,
+              save_every_n_steps=0,
               aspect_buckets=True, min_bucket_reso=256, max_bucket_reso=2048, latents=None, positive=None,
               num_processes=1, sample_prompts="", sample_every_n_steps=0, sample_sampler="euler_a",
               unique_id=None):
@@ -224,7 +245,8 @@ class TrainLoRA2:
         config = LoRA2Config(q=float(q), r_init=int(r_init), r_target=int(r_target), r_max=int(r_max),
                              lambda_r=float(lambda_r), lambda_e=float(lambda_e), lr=float(learning_rate),
                              nu_lr=float(nu_learning_rate), steps=int(steps), batch_size=int(batch_size),
-                             seed=int(seed), targets=target_modules,
+                             seed=int(seed), targets=_targets(target_modules),
+                             text_encoder_lr=float(text_encoder_lr),
                              checkpoint_every=max(1, min(100, int(steps))),
                              gradient_checkpointing=bool(gradient_checkpointing), optimizer=optimizer,
                              max_params=int(round(float(max_params_millions) * 1e6)),
@@ -306,6 +328,12 @@ class TrainLoRA2:
             raise ValueError("Train LoRA² (SDXL): the MODEL input is not an SDXL-family model")
         config.prediction_type, config.zero_terminal_snr, sampling = _prediction_of(model)
         config.validate()
+        text_encoders = None
+        if _trains_text_encoders(config):
+            if latents is not None:
+                raise ValueError("target_modules: text-encoder targets recompute the captions' conditioning every "
+                                 "step; give the captioned images (dataset_path or images), not latents + positive")
+            text_encoders = _text_encoders(clip)
         if resume_from and not os.path.isfile(resume_from):
             raise FileNotFoundError(f"resume_from: {resume_from}: no such checkpoint file")
         if latents is None:
@@ -317,31 +345,53 @@ class TrainLoRA2:
                           if isinstance(d, dict) and isinstance(d.get("samples"), torch.Tensor)), default=0)
         _free_memory()  # other models out of the way (VAE and CLIP load on their own for encoding)
         # fail before encoding and loading when the run cannot fit on the GPU (rough estimate; CPU: no check)
-        _check_memory(base, config, pixels, getattr(model, "load_device", None) or mm.get_torch_device())
+        _check_memory(base, config, pixels, getattr(model, "load_device", None) or mm.get_torch_device(),
+                      text_encoders=text_encoders or ())
         if latents is not None:
             data = _data_from_latents(base, latents, positive)
         else:
-            data = self._encode(base, clip, vae, examples)  # under ComfyUI's inference mode, once per run
+            # under ComfyUI's inference mode, once per run; captions too unless the text encoders train
+            data = self._encode(base, clip, vae, examples, captions_only=text_encoders is not None)
         with torch.inference_mode(False):  # copies usable by autograd
             data = [{"latents": d["latents"].clone(), "cond": {k: v.clone() for k, v in d["cond"].items()}}
                     for d in data]
         _free_memory()  # the encoders' memory back before the UNet is loaded for training
 
-        _load_for_training(model)
         device = getattr(model, "load_device", None) or mm.get_torch_device()
         unet = base.diffusion_model
+        text = None
+        if text_encoders is not None:
+            _load_for_training(model, clip.patcher)  # the CLIP runs in every step
+            clip_device = getattr(clip.patcher, "load_device", device)
+            if torch.device(clip_device) != torch.device(device):
+                raise ValueError(f"target_modules: text-encoder training needs the CLIP on the training device "
+                                 f"{device}, but ComfyUI loads it on {clip_device} (low-VRAM mode?); train the text "
+                                 f"encoders with backend sd-scripts, or choose U-Net targets")
+            text = _TextConditioning(clip, base, text_encoders, list(dict.fromkeys(ex.caption for ex in examples)))
+        else:
+            _load_for_training(model)
         with torch.inference_mode(False), torch.enable_grad():
-            return self._run_trainer(base, unet, data, config, out, device, resume_from, run, sampling)
+            return self._run_trainer(base, unet, data, config, out, device, resume_from, run, sampling, text)
 
-    def _encode(self, base, clip, vae, examples):
+    def _encode(self, base, clip, vae, examples, captions_only=False):
         """(latents, context, y) per example: VAE latents scaled by the latent format; CLIP cond + pooled;
         SDXL ADM vector (pooled ‖ original size, crop offset, target size embeddings) from the model's own
-        encode_adm."""
+        encode_adm.  `captions_only` (text-encoder training): the conditioning is the example's caption index
+        and its (original size, crop offset, target size), encoded in every step by :class:`_TextConditioning`."""
+        import torch
+
         cache = {}
         data = []
+        captions: dict[str, int] = {}
         for ex in examples:
             pixels = ex.image.permute(1, 2, 0)[None]  # (1, H, W, 3), ComfyUI IMAGE layout
             lat = base.process_latent_in(vae.encode(pixels)).float().cpu()[0]
+            if captions_only:
+                (oh, ow), (top, left), (th, tw) = ex.original_size, ex.crop_top_left, ex.target_size
+                data.append({"latents": lat, "cond": {
+                    "caption": torch.tensor(captions.setdefault(ex.caption, len(captions))),
+                    "size": torch.tensor([oh, ow, top, left, th, tw])}})
+                continue
             if ex.caption not in cache:
                 cond, pooled = clip.encode_from_tokens(clip.tokenize(ex.caption), return_pooled=True)
                 cache[ex.caption] = (cond[0].float().cpu(), pooled)
@@ -352,7 +402,7 @@ class TrainLoRA2:
             data.append({"latents": lat, "cond": {"context": context, "y": y[0].float().cpu()}})
         return data
 
-    def _run_trainer(self, base, unet, data, config, out, device, resume_from, run, sampling=None):
+    def _run_trainer(self, base, unet, data, config, out, device, resume_from, run, sampling=None, text=None):
         import torch
 
         import comfy.model_management as mm
@@ -370,12 +420,15 @@ class TrainLoRA2:
             config.mixed_precision = "fp16" if dtype == torch.float16 else "bf16"
             config.validate()
         ckpt_dir = _checkpoint_dir(out)
-        _autograd_usable(unet)
-        flags = [(p, p.requires_grad) for p in unet.parameters()]
+        encoders = list(text.encoders) if text is not None else []
+        flags = []
+        for root in [unet, *encoders]:
+            _autograd_usable(root)
+            flags += [(p, p.requires_grad) for p in root.parameters()]
         for p, _ in flags:
             if p.requires_grad:
                 p.requires_grad_(False)
-        network = LoRA2Network(config, unet=unet)
+        network = LoRA2Network(config, unet=unet, text_encoders=encoders)
         network.to(device)
         network.apply_to()
         history: list[dict] = []
@@ -395,12 +448,12 @@ class TrainLoRA2:
             run.snapshots.append(path.name)
             logging.info("Train LoRA²: step %d saved as %s", k, path.name)
 
-        unet_call = _UNetCall(unet, dtype)
+        unet_call = _UNetCall(unet, dtype) if text is None else _TextUNetCall(unet, dtype, text)
         trainer = Trainer(unet_call, network, data, config, schedule=schedule, out_dir=ckpt_dir,
                           callback=callback, should_stop=mm.processing_interrupted, device=device,
                           entropy_root=unet, on_save=snapshot)
         try:
-            with _autograd_attention(), _norm_inputs_copied(unet):
+            with _autograd_attention(), _norm_inputs_copied(unet, *encoders):
                 result = trainer.train(resume_from=resume_from or None)
         finally:
             unet_call.disable_gradient_checkpointing()
@@ -535,6 +588,75 @@ class _UNetCall:
         self._patched.clear()
 
 
+def _trains_text_encoders(config) -> bool:
+    from lora2_train.network import TE_GROUPS
+
+    return any(g in TE_GROUPS for g in config.targets)
+
+
+def _text_encoders(clip):
+    """(CLIP-L, CLIP-G) modules of an SDXL CLIP, whose Linear layers get the lora_te1_ / lora_te2_ LoRAs (the
+    names ComfyUI's LoRA loader maps back onto the same modules), or a one-line error."""
+    if clip is None:
+        raise ValueError("clip: text-encoder targets need the CLIP input connected")
+    m = clip.cond_stage_model
+    encoders = (getattr(m, "clip_l", None), getattr(m, "clip_g", None))
+    if any(e is None for e in encoders):
+        raise ValueError(f"clip: text-encoder targets need SDXL's two text encoders (clip_l, clip_g); this CLIP is "
+                         f"{type(m).__name__}")
+    return encoders
+
+
+class _TextConditioning:
+    """The conditioning of a batch recomputed through ComfyUI's CLIP with gradients (text-encoder training):
+    each caption's tokens (tokenized once) → CLIP-L ‖ CLIP-G hidden states (context) and CLIP-G's pooled
+    output → the model's own ``encode_adm`` with the example's original size, crop offset and target size
+    (y).  The CLIP's clip-skip setting (CLIPSetLastLayer) is honoured as in ``CLIP.encode_from_tokens``; the
+    model is not (re)loaded here: ``_load_for_training`` loaded it once."""
+
+    def __init__(self, clip, base, encoders, captions):
+        self.clip, self.base, self.encoders = clip, base, encoders
+        self.tokens = [clip.tokenize(c) for c in captions]
+
+    def _encode(self, i):
+        m = self.clip.cond_stage_model
+        m.reset_clip_options()
+        if getattr(self.clip, "layer_idx", None) is not None:
+            m.set_clip_options({"layer": self.clip.layer_idx})
+        # current ComfyUI runs the encoders on the patcher's device (older versions ignore the option)
+        m.set_clip_options({"execution_device": self.clip.patcher.load_device})
+        out = m.encode_token_weights(self.tokens[i])
+        return out[0], out[1]
+
+    def __call__(self, caption, size, device):
+        """(context (B, T, C), y (B, adm)) on `device` for caption indices (B,) and sizes (B, 6)."""
+        import torch
+
+        ids = [int(i) for i in caption.tolist()]
+        encoded = {i: self._encode(i) for i in dict.fromkeys(ids)}  # each caption of the batch once
+        contexts, ys = [], []
+        for i, (oh, ow, top, left, th, tw) in zip(ids, size.tolist()):
+            cond, pooled = encoded[i]
+            y = self.base.encode_adm(pooled_output=pooled, width=ow, height=oh, crop_w=left, crop_h=top,
+                                     target_width=tw, target_height=th, device=pooled.device)
+            contexts.append(cond[0].to(device))
+            ys.append(y[0].to(device))
+        return torch.stack(contexts), torch.stack(ys)
+
+
+class _TextUNetCall(_UNetCall):
+    """ε̂ = diffusion_model(x_t, t, context, y) with context and y recomputed from the captions in each step
+    (:class:`_TextConditioning`), so the text encoders' LoRAs get gradients."""
+
+    def __init__(self, unet, dtype, text):
+        super().__init__(unet, dtype)
+        self.text = text
+
+    def __call__(self, x_t, t, caption, size):
+        context, y = self.text(caption, size, x_t.device)
+        return super().__call__(x_t, t, context, y)
+
+
 class _Run:
     """Progress bar + live messages of one node run; the files it saved; peak device memory."""
 
@@ -646,27 +768,36 @@ def _free_memory():
             fn()
 
 
-def _check_memory(base, config, pixels, device, mem_get_info=None):
+def _check_memory(base, config, pixels, device, mem_get_info=None, text_encoders=()):
     """Refuse, in one line, a CUDA run whose rough memory estimate (:mod:`lora2_train.memory`: U-Net weights,
     LoRA at r_max with gradients and optimizer state, activations of `pixels` per image at the batch size and
-    gradient checkpointing) exceeds the free device memory plus what the U-Net already holds there.  Returns
-    the estimate, or None on other devices (nothing is checked)."""
+    gradient checkpointing) exceeds the free device memory plus what the U-Net already holds there.  With
+    `text_encoders` (text-encoder targets) their weights and LoRAs count too.  Returns the estimate, or None
+    on other devices (nothing is checked)."""
     import torch
 
     from lora2_train import memory as M
+    from lora2_train.network import TE_GROUPS, target_pattern
 
     device = torch.device(device)
     if device.type != "cuda":
         return None
     unet = base.diffusion_model
     weights = resident = 0
-    for p in unet.parameters():
-        size = p.numel() * p.element_size()
-        weights += size
-        if p.device.type == "cuda" and (device.index is None or p.device.index == device.index):
-            resident += size
+    for root in (unet, *text_encoders):
+        for p in root.parameters():
+            size = p.numel() * p.element_size()
+            weights += size
+            if p.device.type == "cuda" and (device.index is None or p.device.index == device.index):
+                resident += size
     dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
-    params = M.lora_parameters(M.target_shapes(unet, config.targets), config.r_max, config.max_params)
+    shapes = M.target_shapes(unet, config.targets)
+    te_groups = [g for g in config.targets if g in TE_GROUPS]
+    if te_groups and text_encoders:
+        pattern = target_pattern(te_groups)
+        shapes += [(m.in_features, m.out_features) for root in text_encoders for path, m in root.named_modules()
+                   if isinstance(m, torch.nn.Linear) and pattern.search("." + path)]
+    params = M.lora_parameters(shapes, config.r_max, config.max_params)
     est = M.estimate(weights, params, pixels, config.batch_size, config.gradient_checkpointing, config.optimizer,
                      torch.empty((), dtype=dtype).element_size())
     free, _total = (mem_get_info or torch.cuda.mem_get_info)(device)
@@ -773,8 +904,8 @@ def _schedule_of(base, sampling=None):
     return schedule
 
 
-def _load_for_training(model):
-    """Load the ModelPatcher fully onto its device (its existing patches applied, as for sampling)."""
+def _load_for_training(*models):
+    """Load the ModelPatchers fully onto their devices (their existing patches applied, as for sampling)."""
     import inspect
 
     import comfy.model_management as mm
@@ -783,7 +914,7 @@ def _load_for_training(model):
     params = inspect.signature(mm.load_models_gpu).parameters
     if "force_full_load" in params:
         kwargs["force_full_load"] = True
-    mm.load_models_gpu([model], **kwargs)
+    mm.load_models_gpu(list(models), **kwargs)
 
 
 def _autograd_usable(module):
@@ -826,13 +957,14 @@ def _autograd_attention():
 
 
 @contextlib.contextmanager
-def _norm_inputs_copied(unet):
-    """Early-2024 ComfyUI transformer blocks add residuals in place (``x += n``) after a LayerNorm has
-    saved ``x`` for backward; giving each LayerNorm its own copy of its input keeps autograd valid."""
+def _norm_inputs_copied(*roots):
+    """Early-2024 ComfyUI transformer blocks (U-Net and CLIP layers) add residuals in place (``x += n``) after
+    a LayerNorm has saved ``x`` for backward; giving each LayerNorm its own copy of its input keeps autograd
+    valid."""
     import torch
 
     handles = [m.register_forward_pre_hook(lambda _m, args: (args[0].clone(),) + tuple(args[1:]))
-               for m in unet.modules() if isinstance(m, torch.nn.LayerNorm)]
+               for root in roots for m in root.modules() if isinstance(m, torch.nn.LayerNorm)]
     try:
         yield
     finally:

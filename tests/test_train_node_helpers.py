@@ -23,7 +23,9 @@ def test_inputs_cover_the_paper_hyperparameters_and_presets(train_mod):
                  "nu_learning_rate", "r_init", "r_max", "r_target", "q", "lambda_r", "lambda_e", "seed", "resolution",
                  "batch_size", "target_modules", "backend", "output_name"):
         assert name in req, name
-    assert req["target_modules"][0] == list(TARGET_PRESETS)
+    # the U-Net presets keep their names and meaning; two choices add the text encoders' LoRAs
+    assert req["target_modules"][0] == list(TARGET_PRESETS) + ["attn+te_attn", "attn+te_attn+te_mlp"]
+    assert req["target_modules"][1]["default"] == "attn"
     assert req["backend"][0] == ["embedded", "sd-scripts"]
     assert {"images", "captions", "sd_scripts_path", "python_path", "base_checkpoint", "resume_from"} <= set(opt)
     assert spec["hidden"] == {"unique_id": "UNIQUE_ID"}
@@ -251,3 +253,87 @@ def test_memory_check_refuses_a_cuda_run_that_cannot_fit_and_skips_the_cpu(train
         train_mod._check_memory(Base(), cfg, 1024 * 1024, "cuda:0", mem_get_info=lambda d: (30 * GIB, 80 * GIB))
     cfg.gradient_checkpointing = True  # 2 × 2.5 GiB: fits
     assert train_mod._check_memory(Base(), cfg, 1024 * 1024, "cuda", mem_get_info=lambda d: (30 * GIB, 80 * GIB))
+    # text-encoder targets: the encoders' weights and their targeted Linear layers count too
+    te = torch.nn.Module()
+    te.add_module("layers", torch.nn.ModuleList([torch.nn.Module()]))
+    te.layers[0].add_module("self_attn", torch.nn.Module())
+    te.layers[0].self_attn.add_module("q_proj", torch.nn.Linear(32, 64, bias=False))
+    te.layers[0].add_module("mlp", torch.nn.Module())
+    te.layers[0].mlp.add_module("fc1", torch.nn.Linear(32, 64, bias=False))  # not a te_attn target
+    te_cfg = LoRA2Config(r_init=8, r_target=8, r_max=32, batch_size=2, targets="attn1,te_attn",
+                         gradient_checkpointing=True)
+    est = train_mod._check_memory(Base(), te_cfg, 1024 * 1024, "cuda", mem_get_info=lambda d: (30 * GIB, 80 * GIB),
+                                  text_encoders=[te])
+    assert est.lora == (32 * 128 + 32 * 96) * 16 and est.weights == (64 * 64 + 2 * 32 * 64) * 4
+
+
+def test_text_encoder_targets_and_their_learning_rate(train_mod):
+    """target_modules choices → LoRA2Config targets; text_encoder_lr sits with the learning-rate inputs, 0 by
+    default (= learning_rate)."""
+    from lora2_train.config import TARGET_PRESETS, ConfigError, LoRA2Config
+
+    for name, groups in TARGET_PRESETS.items():  # unchanged meaning
+        assert LoRA2Config(targets=train_mod._targets(name)).targets == groups
+    assert LoRA2Config(targets=train_mod._targets("attn+te_attn")).targets == ("attn1", "attn2", "te_attn")
+    assert LoRA2Config(targets=train_mod._targets("attn+te_attn+te_mlp")).targets == ("attn1", "attn2", "te_attn",
+                                                                                       "te_mlp")
+    opt = train_mod.TrainLoRA2.INPUT_TYPES()["optional"]
+    names = list(opt)
+    assert names[names.index("lr_warmup_steps") + 1] == "text_encoder_lr"
+    assert opt["text_encoder_lr"][0] == "FLOAT" and opt["text_encoder_lr"][1]["default"] == 0.0
+    assert opt["text_encoder_lr"][1]["min"] == 0.0 and "learning_rate" in opt["text_encoder_lr"][1]["tooltip"]
+    with pytest.raises(ConfigError, match="LoRA2Config.text_encoder_lr must be >= 0"):
+        LoRA2Config(text_encoder_lr=-1.0)
+    assert not train_mod._trains_text_encoders(LoRA2Config(targets="all"))
+    assert train_mod._trains_text_encoders(LoRA2Config(targets=train_mod._targets("attn+te_attn")))
+
+
+def test_text_encoder_training_needs_sdxl_s_two_clip_models(train_mod):
+    import types
+
+    with pytest.raises(ValueError, match="^clip: text-encoder targets need the CLIP input connected$"):
+        train_mod._text_encoders(None)
+    refiner = types.SimpleNamespace(cond_stage_model=type("SDXLRefinerClipModel", (), {"clip_g": object()})())
+    with pytest.raises(ValueError, match="clip_l, clip_g.*SDXLRefinerClipModel"):
+        train_mod._text_encoders(refiner)
+    both = types.SimpleNamespace(cond_stage_model=types.SimpleNamespace(clip_l="L", clip_g="G"))
+    assert train_mod._text_encoders(both) == ("L", "G")
+
+
+def test_text_encoder_lr_reaches_sd_scripts(train_mod, monkeypatch, tmp_path):
+    """The node's inputs → the config handed to the sd-scripts backend → sd-scripts' settings: the text encoders
+    trained (no cached text-encoder outputs) at text_encoder_lr, 0 meaning learning_rate."""
+    import types
+
+    from lora2_train.kohya import launch
+
+    monkeypatch.setitem(sys.modules, "folder_paths", types.SimpleNamespace(get_folder_paths=lambda k: [str(tmp_path)]))
+    monkeypatch.setattr(train_mod, "_Run", lambda node_id, total: None)
+    seen = []
+
+    class Handed(Exception):
+        pass
+
+    def backend(config, *args, **kwargs):
+        seen.append(config)
+        raise Handed
+
+    node = train_mod.TrainLoRA2()
+    node._train_sd_scripts = backend
+    inputs = dict(model=None, clip=None, vae=None, dataset_path=str(tmp_path), instance_prompt="sks", steps=10,
+                  learning_rate=2e-4, nu_learning_rate=1e-2, r_init=8, r_max=32, r_target=8, q=0.9, lambda_r=1.0,
+                  lambda_e=0.0, seed=0, resolution=512, batch_size=1, backend="sd-scripts", output_name="x")
+    for targets, groups, te_lr, expected in (("attn+te_attn", "attn1,attn2,te_attn", 5e-5, 5e-5),
+                                             ("attn+te_attn+te_mlp", "attn1,attn2,te_attn,te_mlp", 0.0, 2e-4),
+                                             ("attn", "attn1,attn2", 5e-5, None)):
+        with pytest.raises(Handed):
+            node.train(**inputs, target_modules=targets, text_encoder_lr=te_lr)
+        config = seen[-1]
+        assert config.text_encoder_lr == te_lr
+        s = launch.training_settings(tmp_path / "sdxl.safetensors", tmp_path / "d.toml", tmp_path, "x", config,
+                                     steps=10, seed=0)
+        args = dict(a.split("=", 1) for a in s["network_args"])
+        assert args["targets"] == groups
+        assert s.get("text_encoder_lr") == expected and s["learning_rate"] == s["unet_lr"] == 2e-4
+        assert s["network_train_unet_only"] is (expected is None)
+        assert s["cache_text_encoder_outputs"] is (expected is None)

@@ -59,3 +59,38 @@ def test_sd_scripts_backend_samples_cancel_and_resume(comfyui_dir, tmp_path):
     # the samples of the resumed run (step 4), in prompt order, as one batch
     assert [s[:13] for s in f["samples"]] == ["cut_000004_00", "cut_000004_01"]
     assert f["batch_shape"] == [2, 48, 64, 3]  # the 64×64 prompt resized to the first image's size
+
+
+TE_SCRIPT = Path(__file__).with_name("train_node_te_inprocess.py")
+
+
+def test_embedded_training_of_the_text_encoders(comfyui_dir, tmp_path):
+    """target_modules attn+te_attn on the embedded backend: the captions go through ComfyUI's CLIP (CLIP-L ‖ CLIP-G,
+    CLIP-G's pooled output into the ADM vector) in every step, the text-encoder LoRAs train at text_encoder_lr, and
+    the saved lora_te1_/lora_te2_ keys load back onto the same CLIP modules."""
+    r = subprocess.run([sys.executable, str(TE_SCRIPT), str(comfyui_dir), str(tmp_path)], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    f = json.loads(r.stdout.strip().splitlines()[-1])
+    # the per-step encoding is ComfyUI's own (encode_from_tokens + encode_adm), one row per example
+    assert f["encode_matches"] and f["context_shape"] == [3, 77, 64 + 128]
+    # q/k/v/out of the 3 layers of each encoder, besides the U-Net's 56 attention projections
+    assert f["num_modules"] == 56 + 24
+    for te in ("te1", "te2"):
+        assert f[f"{te}_keys"] == sorted(f"lora_{te}_text_model_encoder_layers_{i}_self_attn_{p}"
+                                         for i in range(3) for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
+    assert len(f["te_ranks"]) > 1 and set(f["all_ranks"]) <= {4, 8, 12, 16}  # learned, ragged ranks
+    # own optimizer group at text_encoder_lr: 2 factors × 24 modules
+    assert f["groups"] == [["lora", 1e-3, 2 * 56], ["lora_te", 3e-3, 2 * 24], ["nu", 2.0, 80]]
+    assert f["config_te_lr"] == 3e-3 and f["config_targets"] == ["attn1", "attn2", "te_attn"]
+    # gradients reached both encoders (B starts at 0); CLIP-L's last layer, whose output SDXL does not use
+    # (penultimate hidden state, CLIP-L's pooled output unused), got none
+    assert f["te1_moved"] == 8 and f["te2_moved"] == 12 and f["te1_last_layer_moved"] == 0
+    # base weights untouched; the loader patches 24 CLIP weights and the conditioning moves by exactly ΔW
+    assert f["clip_kept"] and f["unet_kept"] and f["loaded_clip_patches"] == 24
+    assert f["cond_change"] > 1e-2 and f["pooled_change"] > 1e-3
+    assert f["cond_vs_reference"] <= 1e-3 * f["cond_change"] and f["pooled_vs_reference"] <= 1e-3 * f["pooled_change"]
+    assert f["info"].startswith("saved te.safetensors: 80 modules")
+    # latents + positive (conditioning encoded before the node) with text-encoder targets: one line, nothing written
+    assert f["refusal"].startswith("target_modules: text-encoder targets recompute the captions' conditioning")
+    assert "\n" not in f["refusal"] and f["refused_nothing_written"]
