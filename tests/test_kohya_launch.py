@@ -196,6 +196,11 @@ def test_failure_is_one_line_naming_the_cause(tmp_path):
     body = "raise AssertionError('resolution must be divisible by 32')\n"
     with pytest.raises(launch.SdScriptsError, match="AssertionError: resolution must be divisible by 32"):
         launch.train_sd_scripts(**run_args(tmp_path, checkout, data, python=fake_python(tmp_path, body)))
+    # killed from outside (the out-of-memory killer sends SIGKILL): the reason, not the last log line
+    body = ("print('text encoder 1: <All keys matched successfully>', flush=True)\n"
+            "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    with pytest.raises(launch.SdScriptsError, match=r"failed \(exit -9\): killed \(SIGKILL; .*out-of-memory"):
+        launch.train_sd_scripts(**run_args(tmp_path, checkout, data, python=fake_python(tmp_path, body)))
 
 
 def test_should_stop_terminates_and_keeps_the_last_save(tmp_path):

@@ -519,7 +519,9 @@ def _run(cmd, cwd, log_path: Path, target: Path, callback, should_stop, poll_sec
             where += f"; resumable state: {last_state}"
         raise TrainingCancelled(f"training stopped{where}", last_saved, last_state)
     if rc != 0:
-        raise SdScriptsError(f"sd-scripts training failed (exit {rc}): {_error_of(tail)} (log: {log_path})")
+        why = _error_of(tail) if rc != -9 else ("killed (SIGKILL; on Linux most often the out-of-memory killer: "
+                                                 "free memory, or lower resolution/batch or use a --preset)")
+        raise SdScriptsError(f"sd-scripts training failed (exit {rc}): {why} (log: {log_path})")
     if target.exists():
         return target
     if last_saved is not None and last_saved.exists():
