@@ -203,7 +203,10 @@ def test_api_example_workflows_match_the_node_definitions(comfyui, name):
         assert set(required) <= set(node["inputs"]), (nid, set(required) - set(node["inputs"]))
         assert set(node["inputs"]) <= set(required) | set(optional), (nid, node["inputs"].keys())
         for key, value in node["inputs"].items():
-            kind = (required.get(key) or optional.get(key))[0]
+            spec_of = required.get(key) or optional.get(key)
+            kind = spec_of[0]
+            if kind == "COMBO":  # nodes of ComfyUI's newer node API list their choices as ["COMBO", {"options"}]
+                kind = spec_of[1].get("options", [])
             if isinstance(value, list):  # a link [node id, output slot]
                 assert value[0] in graph and isinstance(value[1], int), (nid, key)
                 source = _node_info(info, graph[value[0]]["class_type"])["output"][value[1]]
@@ -250,6 +253,9 @@ def _check_trained(server, ws, entry, folder, name, checkpoint, chart_node):
     assert [m["step"] for m in steps] == [1, 2]
     assert all(isinstance(m["loss"], float) and m["loss"] == m["loss"] for m in steps)
     assert len(H.output_images(entry, chart_node)) == 1
+    ranks = list(ad.ranks().values())
+    print(f"{H.comfyui_label(server.comfy_dir)}: {entry['outputs']['10']['text'][0]}; losses "
+          f"{[round(m['loss'], 4) for m in steps]}; ranks {min(ranks)}–{max(ranks)}, mean {sum(ranks) / len(ranks):.1f}")
     return ad, steps
 
 
