@@ -453,7 +453,7 @@ class TrainLoRA2:
                           callback=callback, should_stop=mm.processing_interrupted, device=device,
                           entropy_root=unet, on_save=snapshot)
         try:
-            with _autograd_attention(), _norm_inputs_copied(unet, *encoders):
+            with _autograd_attention(), _norm_inputs_copied(unet, *encoders), _cancel_at_step_boundaries():
                 result = trainer.train(resume_from=resume_from or None)
         finally:
             unet_call.disable_gradient_checkpointing()
@@ -954,6 +954,27 @@ def _autograd_attention():
     finally:
         for n, f in saved.items():
             setattr(A, n, f)
+
+
+@contextlib.contextmanager
+def _cancel_at_step_boundaries():
+    """Cancel stops the embedded training between steps, where the trainer keeps a resumable checkpoint and the
+    adapter so far.  Newer ComfyUI (0.21.0) also checks the Cancel flag in every layer call
+    (``comfy.ops.run_every_op``), which would end a step half-way with nothing saved; that per-layer check is off
+    while the trainer runs (the flag stays set for the trainer's own check) and back on afterwards."""
+    try:
+        import comfy.ops as ops
+    except ImportError:
+        ops = None
+    check = getattr(ops, "run_every_op", None)
+    if check is None:
+        yield
+        return
+    ops.run_every_op = lambda: None
+    try:
+        yield
+    finally:
+        ops.run_every_op = check
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 Cancel during training, a missing dataset folder.  The random-weight KOALA-700M checkpoint, 256² images
 (32² latents), 2 steps, batch 1, rank ≤ 16: a few CPU seconds per step."""
 import json
+import shutil
 import time
 import uuid
 
@@ -170,8 +171,9 @@ def test_missing_dataset_folder_is_a_clear_node_error(comfyui_alive, koala_check
     assert "\n" not in err["exception_message"].strip()
 
 
-#: ComfyUI's dataset nodes (comfy_extras/nodes_dataset.py, ComfyUI 0.3.64 and later), which the early-2024 test
-#: ComfyUI lacks: their inputs and outputs as /object_info lists them, to check the examples that use them
+#: ComfyUI's dataset nodes (comfy_extras/nodes_dataset.py: not yet in 0.3.64, present in 0.21.0), which the
+#: early-2024 test ComfyUI lacks: their inputs and outputs as /object_info lists them, to check the examples that use
+#: them where the server does not list them itself
 DATASET_NODES = {
     "LoadImageTextDataSetFromFolder": {"input": {"required": {"folder": [[]]}}, "output": ["IMAGE", "STRING"]},
     "MakeTrainingDataset": {"input": {"required": {"images": ["IMAGE"], "vae": ["VAE"], "clip": ["CLIP"]},
@@ -201,7 +203,10 @@ def test_api_example_workflows_match_the_node_definitions(comfyui, name):
         assert set(required) <= set(node["inputs"]), (nid, set(required) - set(node["inputs"]))
         assert set(node["inputs"]) <= set(required) | set(optional), (nid, node["inputs"].keys())
         for key, value in node["inputs"].items():
-            kind = (required.get(key) or optional.get(key))[0]
+            spec_of = required.get(key) or optional.get(key)
+            kind = spec_of[0]
+            if kind == "COMBO":  # nodes of ComfyUI's newer node API list their choices as ["COMBO", {"options"}]
+                kind = spec_of[1].get("options", [])
             if isinstance(value, list):  # a link [node id, output slot]
                 assert value[0] in graph and isinstance(value[1], int), (nid, key)
                 source = _node_info(info, graph[value[0]]["class_type"])["output"][value[1]]
@@ -211,6 +216,98 @@ def test_api_example_workflows_match_the_node_definitions(comfyui, name):
                 assert key in FILE_CHOICES or value in kind, (nid, key, value)
             else:
                 assert isinstance(value, WIDGET_TYPES[kind]), (nid, key, value)
+
+
+@pytest.fixture
+def input_folder(comfyui):
+    """Three captioned images (128×128, 128×128, 128×96) in a new subfolder of the server's input folder, where
+    ComfyUI's folder-loading dataset nodes look: (its name, the count); removed afterwards."""
+    tag = f"ds{uuid.uuid4().hex[:8]}"
+    folder = comfyui.dirs["input"] / tag
+    folder.mkdir()
+    g = torch.Generator().manual_seed(1)
+    for i, (w, h) in enumerate(((128, 128), (128, 128), (128, 96))):
+        arr = (torch.rand(h, w, 3, generator=g) * 255).byte().numpy()
+        Image.fromarray(arr).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a photo of sks toy, view {i}")
+    yield tag, 3
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _needs_nodes(server, *names):
+    info = server.object_info()
+    missing = [n for n in names if n not in info]
+    if missing:
+        pytest.skip(f"{H.comfyui_label(server.comfy_dir)} has no {', '.join(missing)}")
+
+
+def _check_trained(server, ws, entry, folder, name, checkpoint, chart_node):
+    """The Train LoRA² node (id "10") wrote <name>.safetensors: every attention projection of the checkpoint,
+    2 steps, ranks ≤ r_max 16, finite losses reported per step; the rank chart was drawn."""
+    path = folder / f"{name}.safetensors"
+    assert entry["outputs"]["10"]["lora2_saved"] == [path.name] and path.is_file()
+    ad = load_adapter(path)
+    assert set(ad.modules) == expected_keys(checkpoint)
+    assert ad.metadata["lora2_steps"] == "2" and 1 <= min(ad.ranks().values()) <= max(ad.ranks().values()) <= 16
+    steps = [m for m in ws.progress("10") if m["status"] == "running"]
+    assert [m["step"] for m in steps] == [1, 2]
+    assert all(isinstance(m["loss"], float) and m["loss"] == m["loss"] for m in steps)
+    assert len(H.output_images(entry, chart_node)) == 1
+    ranks = list(ad.ranks().values())
+    print(f"{H.comfyui_label(server.comfy_dir)}: {entry['outputs']['10']['text'][0]}; losses "
+          f"{[round(m['loss'], 4) for m in steps]}; ranks {min(ranks)}–{max(ranks)}, mean {sum(ranks) / len(ranks):.1f}")
+    return ad, steps
+
+
+@pytest.mark.parametrize("bucketed", [False, True], ids=["example", "resolution_bucket"])
+def test_native_dataset_example_workflow_trains(comfyui_alive, koala_checkpoint, input_folder, loras, bucketed):
+    """example_workflows/lora2_train_native_dataset_api.json as it is, on a ComfyUI with the dataset nodes of
+    comfy_extras/nodes_dataset.py (later than 0.3.64; skipped on others): LoadImageTextDataSetFromFolder →
+    MakeTrainingDataset (one LATENT and one CONDITIONING per image, sizes kept) → Train LoRA² through
+    latents/positive → rank chart; only the checkpoint, folder, steps, ranks and output name are changed.  With
+    ResolutionBucket between them: one batched LATENT per image size."""
+    server, (folder, name) = comfyui_alive, loras
+    _needs_nodes(server, "LoadImageTextDataSetFromFolder", "MakeTrainingDataset",
+                 *(["ResolutionBucket"] if bucketed else []))
+    sub, count = input_folder
+    g = json.loads((H.REPO_ROOT / "example_workflows" / "lora2_train_native_dataset_api.json").read_text())
+    assert g["10"]["inputs"]["latents"] == ["3", 0] and g["10"]["inputs"]["positive"] == ["3", 1]
+    g["1"]["inputs"]["ckpt_name"] = koala_checkpoint.name
+    g["2"]["inputs"]["folder"] = sub
+    g["10"]["inputs"].update(steps=2, r_init=8, r_max=16, r_target=4, output_name=name)
+    if bucketed:
+        g["4"] = {"class_type": "ResolutionBucket", "inputs": {"latents": ["3", 0], "conditioning": ["3", 1]}}
+        g["10"]["inputs"].update(latents=["4", 0], positive=["4", 1])
+    with H.Messages(server) as ws:
+        entry = server.run(g, timeout=900)
+        time.sleep(0.5)
+    _check_trained(server, ws, entry, folder, name, koala_checkpoint, "21")
+    log = server.log_tail(200_000)
+    assert f"Created dataset with {count} latents and {count} conditioning" in log
+    if bucketed:
+        assert f"Created 2 resolution buckets from {count} samples" in log
+
+
+def test_train_from_comfyui_03_dataset_loader(comfyui_alive, koala_checkpoint, input_folder, loras):
+    """ComfyUI 0.3.x's own loader (comfy_extras/nodes_train.py: LoadImageTextSetFromFolderNode, one IMAGE batch
+    resized to 128² and one CONDITIONING with an entry per image) → VAEEncode → Train LoRA² through
+    latents/positive → rank chart; skipped where the node does not exist (early 2024, later releases)."""
+    server, (folder, name) = comfyui_alive, loras
+    _needs_nodes(server, "LoadImageTextSetFromFolderNode")
+    sub, count = input_folder
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": koala_checkpoint.name}},
+         "2": {"class_type": "LoadImageTextSetFromFolderNode",
+               "inputs": {"folder": sub, "clip": ["1", 1], "resize_method": "Stretch", "width": 128, "height": 128}},
+         "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 2]}},
+         "10": train_node("1", "", name, latents=["3", 0], positive=["2", 1]),
+         "20": {"class_type": "LoRA2VisualizeRanks",
+                "inputs": {"lora_name": "(none)", "adapter": ["10", 2], "history": ["10", 3]}},
+         "21": {"class_type": "SaveImage", "inputs": {"images": ["20", 0], "filename_prefix": "chart"}}}
+    with H.Messages(server) as ws:
+        entry = server.run(g, timeout=900)
+        time.sleep(0.5)
+    _check_trained(server, ws, entry, folder, name, koala_checkpoint, "21")
+    assert f"Encoded {count} captions" in server.log_tail(200_000)
 
 
 @pytest.mark.parametrize("name", ["lora2_train_load_sample.json", "lora2_train_buckets.json"])
