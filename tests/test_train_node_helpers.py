@@ -53,7 +53,7 @@ def test_inputs_cover_the_paper_hyperparameters_and_presets(train_mod):
 
 def test_sample_files_become_one_image_batch(train_mod, tmp_path):
     """sd-scripts' sample PNGs → IMAGE (B, H, W, 3); other sizes are resized to the first; none → one black
-    64×64 placeholder (the embedded backend draws no samples)."""
+    64×64 placeholder (no samples asked for)."""
     from PIL import Image
 
     empty = train_mod.images_tensor([])
@@ -251,3 +251,12 @@ def test_memory_check_refuses_a_cuda_run_that_cannot_fit_and_skips_the_cpu(train
         train_mod._check_memory(Base(), cfg, 1024 * 1024, "cuda:0", mem_get_info=lambda d: (30 * GIB, 80 * GIB))
     cfg.gradient_checkpointing = True  # 2 × 2.5 GiB: fits
     assert train_mod._check_memory(Base(), cfg, 1024 * 1024, "cuda", mem_get_info=lambda d: (30 * GIB, 80 * GIB))
+
+
+def test_sample_tensors_become_one_image_batch(train_mod):
+    """The embedded backend's samples ((H, W, 3) tensors) → one IMAGE batch, other sizes resized to the first."""
+    a, b = torch.full((32, 48, 3), 0.25), torch.full((16, 24, 3), 0.75)
+    batch = train_mod.images_tensor([a, b, a])
+    assert batch.shape == (3, 32, 48, 3)
+    assert torch.equal(batch[0], a) and torch.equal(batch[2], a)
+    assert torch.allclose(batch[1], torch.full((32, 48, 3), 0.75), atol=1e-5)
