@@ -155,8 +155,8 @@ function drawBars(ctx, x, y, w, h, title, series, behind) {
 }
 
 // Room below the node's widgets, and the context saved and set for a status line: {top, x, w}.
-function beginPanel(node, ctx, color, extra = 0) {
-  const top = widgetsBottom(node);
+function beginPanel(node, ctx, color, extra = 0, at = null) {
+  const top = at ?? widgetsBottom(node);
   ensureRoom(node, top, extra);
   ctx.save();
   ctx.font = "11px sans-serif";
@@ -192,10 +192,17 @@ function drawSamples(ctx, x, y, w, h, st) {
   });
 }
 
-function drawTrain(node, ctx) {
+function samplesRoom(node) {
   const st = node.lora2;
-  const extra = st && st.sampleImages && st.sampleImages.length ? SAMPLE_H + 4 : 0;
-  const { top, x, w } = beginPanel(node, ctx, st && st.status === "interrupted" ? "#ef9a9a" : COLORS.text, extra);
+  return st && st.sampleImages && st.sampleImages.length ? SAMPLE_H + 4 : 0;
+}
+
+// at: the y of the panel's widget (the panel is the node's last widget, so that a multiline text widget, which
+// takes the node's free height, does not grow into it); without it, below the widgets
+function drawTrain(node, ctx, at = null) {
+  const st = node.lora2;
+  const extra = samplesRoom(node);
+  const { top, x, w } = beginPanel(node, ctx, st && st.status === "interrupted" ? "#ef9a9a" : COLORS.text, extra, at);
   let line = "LoRA²: waiting for training";
   if (st) {
     if (st.status === "interrupted") line = st.message || "cancelled";
@@ -279,8 +286,23 @@ app.registerExtension({
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name === TRAIN) {
+      chain(nodeType.prototype, "onNodeCreated", function () {
+        // the panel as a widget of its own height: the layout keeps that room below the other widgets
+        this.addCustomWidget?.({
+          name: "lora2_chart", type: "lora2_chart", value: null, serialize: false, options: { serialize: false },
+          draw(ctx, node, _width, y) {
+            if (!node.flags?.collapsed) drawTrain(node, ctx, y);
+          },
+          computeSize(width) {
+            return [width ?? 0, CHART_H + samplesRoom(this.node)];
+          },
+        });
+        const w = this.widgets?.[this.widgets.length - 1];
+        if (w && w.name === "lora2_chart") w.node = this;
+      });
       chain(nodeType.prototype, "onDrawForeground", function (ctx) {
-        if (!this.flags?.collapsed) drawTrain(this, ctx);
+        // without the panel widget (a frontend without addCustomWidget): below the widgets, as before
+        if (!this.flags?.collapsed && !this.widgets?.some((w) => w.name === "lora2_chart")) drawTrain(this, ctx);
       });
     } else if (nodeData.name === LOAD) {
       chain(nodeType.prototype, "onExecuted", function (output) {

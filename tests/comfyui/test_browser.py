@@ -200,6 +200,10 @@ async def drive(port: int, url: str, workflow: dict, shot: Path, samples: list |
             "(() => { const n = app.graph.getNodeById(10); return n.lora2 && {points: n.lora2.points.length, "
             "step: n.lora2.step, blocks: Object.keys(n.lora2.blocks).length, h: n.size[1], "
             "samples: (n.lora2.sampleImages || []).map(im => [im.naturalWidth, im.naturalHeight])}; })()")
+        found["train_h_later"] = await cdp.js(
+            "(async () => { for (let i = 0; i < 5; i++) { app.graph.setDirtyCanvas(true, true); app.canvas.draw(true, true);"
+            " await new Promise(r => setTimeout(r, 50)); } return app.graph.getNodeById(10).size[1]; })()")
+        found["train_prompt_inputs"] = await cdp.js("app.graphToPrompt().then(p => Object.keys(p.output['10'].inputs))")
         found["load_state"] = await cdp.js(
             "(() => { const n = app.graph.getNodeById(30); return n.lora2 && {name: n.lora2.name, h: n.size[1]}; })()")
         found["errors"] = await finish(cdp, shot, 0.85, 0, -40)  # the training node and the loader in view
@@ -255,7 +259,11 @@ def test_extension_draws_charts_without_js_errors(comfyui_alive, tmp_path):
     assert not found["missing_dialog"]
     assert found["train_state"] == {"points": 40, "step": 40, "blocks": len(BLOCKS), "h": found["train_state"]["h"],
                                     "samples": [[64, 48], [64, 48]]}  # the newest samples, loaded through /view
-    assert found["train_state"]["h"] >= 900  # the node grew room for the chart and the samples below its widgets
+    # the node grew room for the chart and the samples below its widgets (and no more: its multiline prompt widget
+    # does not take the panel's room, which would grow the node on every frame)
+    assert found["train_state"]["h"] >= 900 and found["train_h_later"] == found["train_state"]["h"], \
+        (found["train_state"]["h"], found["train_h_later"])
+    assert "sample_prompts" in found["train_prompt_inputs"] and "lora2_chart" not in found["train_prompt_inputs"]
     assert found["load_state"]["name"] == "lora2_sdxl.safetensors"
     assert shot.stat().st_size > 20_000
     if os.environ.get("LORA2_SCREENSHOT"):
