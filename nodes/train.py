@@ -697,9 +697,8 @@ def _keep_loaded(model):
     if original is None:
         yield
         return
-    keep = [m for m in getattr(mm, "current_loaded_models", []) if getattr(m, "model", None) is model]
-
     def free_memory(memory_required, device, keep_loaded=(), *args, **kwargs):
+        keep = [m for m in getattr(mm, "current_loaded_models", []) if getattr(m, "model", None) is model]
         return original(memory_required, device, list(keep_loaded) + keep, *args, **kwargs)
 
     mm.free_memory = free_memory

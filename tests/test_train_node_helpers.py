@@ -260,3 +260,25 @@ def test_sample_tensors_become_one_image_batch(train_mod):
     assert batch.shape == (3, 32, 48, 3)
     assert torch.equal(batch[0], a) and torch.equal(batch[2], a)
     assert torch.allclose(batch[1], torch.full((32, 48, 3), 0.75), atol=1e-5)
+
+
+def test_sampling_keeps_the_training_model_loaded(train_mod, monkeypatch):
+    """While sampling during training, ComfyUI's free_memory (called to make room for the VAE) keeps the model
+    being trained; outside, free_memory is ComfyUI's own again."""
+    import types
+
+    calls = []
+
+    def free_memory(memory_required, device, keep_loaded=[]):
+        calls.append(list(keep_loaded))
+
+    training, other = object(), object()
+    entries = [types.SimpleNamespace(model=other), types.SimpleNamespace(model=training)]
+    mm = types.SimpleNamespace(free_memory=free_memory, current_loaded_models=entries)
+    monkeypatch.setitem(sys.modules, "comfy", types.SimpleNamespace(model_management=mm))
+    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    with train_mod._keep_loaded(training):
+        mm.free_memory(1, "cuda", ["vae"])
+        mm.free_memory(1, "cuda")
+    assert mm.free_memory is free_memory
+    assert calls == [["vae", entries[1]], [entries[1]]]
