@@ -292,7 +292,7 @@ class TrainLoRA2:
         ranks = adapter.ranks()
         info = _info_line(out, output_name, adapter, history, run)
         run.send(status="done", saved=out.name, ranks_by_block=_block_means(ranks), message=info,
-                 **run.memory())
+                 **run.take_samples(), **run.memory())
         return {"ui": {"lora2_saved": [out.name], "text": [info]},
                 "result": (model_out, clip_out, adapter, history, info, images_tensor(samples))}
 
@@ -506,8 +506,11 @@ class TrainLoRA2:
             else:
                 self._examples(dataset_path, None, "", instance_prompt, resolution)  # validate early, one line
             history: list[dict] = []
+            shown: set[str] = set()
 
             def callback(ev):
+                if sample_every > 0:  # sample images sd-scripts wrote since the last step: to the chart
+                    run.new_samples = _sd_scripts_sample_refs(out, started, shown) or run.new_samples
                 run.step(ev)
                 if ev.step == 1 or ev.resized or ev.step % config.resize_every == 0 or ev.step == ev.total:
                     history.append({"step": ev.step, "ranks": dict(ev.ranks), "loss": float(ev.loss)})
@@ -531,6 +534,8 @@ class TrainLoRA2:
                 run.send(status="interrupted", message=msg, checkpoint=str(e.state) if e.state else None)
                 mm.throw_exception_if_processing_interrupted()
                 raise mm.InterruptProcessingException() from None
+        if sample_every > 0:  # written after the last progress line: with the final message
+            run.new_samples = run.new_samples + _sd_scripts_sample_refs(out, started, shown)
         adapter = load_adapter(path)
         if not history:
             history.append({"step": config.steps, "ranks": adapter.ranks(), "loss": float("nan")})
@@ -618,12 +623,16 @@ class _Run:
             self.bar.update_absolute(ev.step, ev.total)
         except mm.InterruptProcessingException:
             mm.interrupt_current_processing(True)
-        extra = {}
-        if self.new_samples:  # the samples drawn at this step (before its progress message)
-            extra["samples"], self.new_samples = self.new_samples, []
         self.send(status="running", step=ev.step, loss=ev.loss, mse=ev.mse, reg=ev.reg, entropy=ev.entropy,
                   num_params=ev.num_params, elapsed=ev.elapsed, ranks_by_block=_block_means(ev.ranks), lr=ev.lr,
-                  **extra, **self.memory())
+                  **self.take_samples(), **self.memory())
+
+    def take_samples(self) -> dict:
+        """``{"samples": [references]}`` of the samples not sent yet (drawn before this message), or {}."""
+        if not self.new_samples:
+            return {}
+        refs, self.new_samples = self.new_samples, []
+        return {"samples": refs}
 
 
 class _Sampler:
@@ -679,6 +688,33 @@ class _Sampler:
             logging.warning("Train LoRA²: could not write sample %s: %s", name, e)
             return None
         return {"filename": name, "subfolder": self.SUBFOLDER, "type": "temp", "step": step, "prompt": i}
+
+
+def _sd_scripts_sample_refs(out, since, shown: set) -> list[dict]:
+    """/view references of the sample images sd-scripts wrote for this run and not shown yet (`shown`: their
+    names), each copied into ComfyUI's temp folder (the loras folder is not served)."""
+    import shutil
+
+    import folder_paths
+    from lora2_train.kohya.launch import sample_images
+
+    refs = []
+    for p in sample_images(out.parent, out.stem, since=since):
+        if p.name in shown:
+            continue
+        shown.add(p.name)
+        parts = p.stem[len(out.stem) + 1:].split("_")
+        try:
+            folder = os.path.join(folder_paths.get_temp_directory(), _Sampler.SUBFOLDER)
+            os.makedirs(folder, exist_ok=True)
+            shutil.copyfile(p, os.path.join(folder, p.name))
+        except OSError as e:
+            logging.warning("Train LoRA²: could not copy sample %s for the chart: %s", p.name, e)
+            continue
+        refs.append({"filename": p.name, "subfolder": _Sampler.SUBFOLDER, "type": "temp",
+                     "step": int(parts[0]) if parts[0].isdigit() else parts[0],
+                     "prompt": int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else len(refs)})
+    return refs
 
 
 def _zeros(*shape):
