@@ -7,6 +7,7 @@ from the q/k projections of every cross-attention (attn2).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -136,10 +137,14 @@ class CrossAttentionEntropy:
     from this object's own generator (seeded `seed`; the training data's random
     stream is never touched) and are drawn once per layer and step: a gradient-
     checkpoint recomputation of a block sees the same queries as its forward.
+
+    ``enabled`` False (or inside :meth:`paused`) makes the hooks do nothing: model calls outside training
+    (samples drawn during a run) neither record values nor draw query subsets.
     """
 
     def __init__(self, root: nn.Module, queries: int = 256, seed: int = 0):
         self.queries = queries
+        self.enabled = True
         self.generator = torch.Generator().manual_seed(int(seed))
         self.values: list[torch.Tensor] = []
         self._pending: dict[int, torch.Tensor] = {}
@@ -157,6 +162,8 @@ class CrossAttentionEntropy:
 
     def _on_q(self, key):
         def hook(_m, _inp, out):
+            if not self.enabled:
+                return
             n = out.shape[1]
             if n > self.queries:
                 idx = self._subsets.get((key, n))
@@ -168,10 +175,22 @@ class CrossAttentionEntropy:
 
     def _on_k(self, key, heads):
         def hook(_m, _inp, out):
+            if not self.enabled:
+                return
             q = self._pending.pop(key, None)
             if q is not None:
                 self.values.append(attention_entropy(q, out, heads))
         return hook
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Within the block the hooks neither record nor advance the generator; the state before it is kept."""
+        was = self.enabled
+        self.enabled = False
+        try:
+            yield self
+        finally:
+            self.enabled = was
 
     def reset(self, keep_subsets: bool = False) -> None:
         """Start a new step: forget the collected values and draw new query subsets (``keep_subsets``: the

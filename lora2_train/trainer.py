@@ -9,7 +9,10 @@ conditioning) and a noise schedule, and minimizes
 with the configured optimizer (:mod:`lora2_train.optim`), re-allocating every component at D(ν) every
 ``resize_every`` optimizer steps (never after the last step: the adapter a run
 ends with is the one that gave its last loss).  Checkpoints hold ν, weights,
-optimizer, step and RNG.
+optimizer, step and RNG.  ``on_sample(step)`` (every ``sample_every`` optimizer
+steps, process 0, before any re-allocation; not after a stop request) draws
+samples without touching training: no autograd, entropy hooks paused, gradient
+checkpointing off, global RNG state restored.
 
 One optimizer step draws ``batch_size · gradient_accumulation_steps`` examples
 (with their noise and timesteps) at once and runs them as
@@ -32,6 +35,7 @@ reports progress and writes checkpoints (with every process's data RNG).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -121,12 +125,18 @@ class Trainer:
                  schedule: DDPMSchedule | None = None, teacher: Callable | None = None,
                  out_dir: str | Path | None = None, callback: Callable[[ProgressEvent], None] | None = None,
                  should_stop: Callable[[], bool] | None = None, device: str | torch.device = "cpu",
-                 entropy_root: torch.nn.Module | None = None, on_save: Callable[[int], None] | None = None):
+                 entropy_root: torch.nn.Module | None = None, on_save: Callable[[int], None] | None = None,
+                 on_sample: Callable[[int], object] | None = None, sample_every: int = 0):
         self.model, self.network, self.config = model, network, config.validate()
         self.dataset = dataset if hasattr(dataset, "sample") else SampledDataset(dataset)
         self.schedule = schedule or DDPMSchedule(zero_terminal_snr=config.zero_terminal_snr)
         # called with the step every ``save_every_n_steps`` optimizer steps (before any re-allocation)
         self.on_save = on_save
+        # called with the step every ``sample_every`` optimizer steps (process 0, before any re-allocation), in
+        # isolation: see _sample
+        if not isinstance(sample_every, int) or sample_every < 0:
+            raise ValueError(f"sample_every must be a non-negative integer, got {sample_every!r}")
+        self.on_sample, self.sample_every = on_sample, sample_every
         self.teacher = teacher
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.callback, self.should_stop = callback, should_stop
@@ -344,6 +354,10 @@ class Trainer:
                 if c.save_every_n_steps and self.on_save is not None and self.rank == 0 \
                         and self.step % c.save_every_n_steps == 0 and self.step < c.steps:  # the last step's adapter is the run's own file
                     self.on_save(self.step)
+                if self.on_sample is not None and self.sample_every and self.rank == 0 \
+                        and self.step % self.sample_every == 0 \
+                        and not (self.should_stop is not None and self.should_stop()):  # none after a Cancel
+                    self._sample()
                 resized = {}
                 # no re-allocation after the last step: the saved adapter is the one that gave the last loss
                 if self.step % c.resize_every == 0 and self.step < c.steps:
@@ -370,6 +384,27 @@ class Trainer:
         return TrainResult(self.step, stopped, self.network.ranks(), self.network.nus(),
                            self.network.num_parameters(), last, self.history,
                            self.checkpoint_path if self.out_dir is not None else None)
+
+    def _sample(self) -> None:
+        """``on_sample(step)`` without any effect on training: under ``torch.no_grad``, with the entropy hooks
+        paused (nothing recorded, no query subset drawn), the model's gradient checkpointing switched off
+        (when it has ``disable_gradient_checkpointing``) and the global RNG state of the CPU and of every
+        initialized CUDA device restored afterwards; the data generator is the trainer's own and is not
+        passed on."""
+        model = self.model
+        toggle = self.config.gradient_checkpointing and hasattr(model, "disable_gradient_checkpointing")
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        devices = list(range(torch.cuda.device_count())) if cuda else []
+        paused = self.entropy.paused() if self.entropy is not None else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), paused:
+            if toggle:
+                model.disable_gradient_checkpointing()
+            try:
+                self.on_sample(self.step)
+            finally:
+                if toggle:
+                    model.enable_gradient_checkpointing()
+                self.network.clear_lam()  # Λ computed without autograd: the next training call recomputes it
 
     def close(self) -> None:
         """Remove the hooks this trainer put on the model (entropy hooks); safe to call twice."""

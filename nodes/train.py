@@ -13,11 +13,19 @@ Text-encoder targets (``te_attn``/``te_mlp``): LoRA² layers also wrap the Linea
 layers of the CLIP's two encoders (CLIP-L → ``lora_te1_``, CLIP-G → ``lora_te2_``),
 and each step recomputes the captions' conditioning through them with gradients
 (:class:`_TextConditioning`); their weights train at ``text_encoder_lr``.
+Samples every ``sample_every_n_steps`` steps: the prompt lines (sd-scripts'
+syntax, ``lora2_train.sample_prompts``) are encoded with the node's CLIP before
+training; the trainer's ``on_sample`` hook samples them with ComfyUI's own
+``comfy.sample.sample`` on the MODEL being trained (its U-Net carries the LoRA²
+network) and decodes them with the node's VAE, without effect on training.
 
 sd-scripts backend: ``lora2_train.kohya.launch.train_sd_scripts`` in a
 subprocess (``num_processes`` > 1: ``accelerate launch --multi_gpu``), with
-sample prompts every N steps (returned as the ``samples`` IMAGE) and
+sample prompts every N steps and
 sd-scripts' training state kept on Cancel and at the end (``resume_from``).
+
+Either backend returns its samples as the ``samples`` IMAGE (step, then prompt
+order) and adds the newest ones to the live chart's progress messages.
 """
 from __future__ import annotations
 
@@ -60,6 +68,12 @@ def _vram_presets() -> list[str]:
     from lora2_train.kohya.launch import VRAM_PRESETS
 
     return list(VRAM_PRESETS)
+
+
+def _sampler_map() -> str:
+    from lora2_train.sample_prompts import COMFY_SAMPLERS
+
+    return ", ".join(f"{k}→{v}" for k, v in COMFY_SAMPLERS.items() if not k.startswith("k_"))
 
 
 def _presets() -> list[str]:
@@ -139,12 +153,19 @@ class TrainLoRA2:
                                            "adapter, written on Cancel, or <name>-state at the end)"}),
                 "num_processes": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "sd-scripts: one training "
                                           "process per GPU (accelerate launch --multi_gpu)"}),
-                "sample_prompts": ("STRING", {"default": "", "multiline": True, "tooltip": "sd-scripts: one prompt "
-                                              "per line (sd-scripts options such as --w 1024 --h 1024 --s 28 --d 1 "
-                                              "may follow); images are returned as `samples`"}),
-                "sample_every_n_steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "sd-scripts: "
-                                                 "sample every N steps (0: no samples)"}),
-                "sample_sampler": (list(SAMPLERS), {"default": "euler_a"}),
+                "sample_prompts": ("STRING", {"default": "", "multiline": True, "tooltip": "one prompt per line, "
+                                              "sd-scripts options may follow: --w 512 --h 512 (size) --s 12 "
+                                              "(steps) --l 5 (cfg) --d 1 (seed) --n blurry (negative prompt); "
+                                              "embedded backend: defaults 512×512, 12 steps, cfg 5, the node's "
+                                              "seed, also --ss <sampler>; images are returned as `samples` and "
+                                              "shown in the chart"}),
+                "sample_every_n_steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "sample the "
+                                                 "prompts every N optimizer steps (0: no samples); embedded: with "
+                                                 "ComfyUI's sampler on the model being trained, without effect on "
+                                                 "the training"}),
+                "sample_sampler": (list(SAMPLERS), {"default": "euler_a", "tooltip": "sd-scripts sampler names; "
+                                   "embedded backend: ComfyUI's sampler of the same kind with scheduler normal ("
+                                   + _sampler_map() + ")"}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "recompute UNet blocks in the "
                                                        "backward pass: far less memory, about 30% more time"}),
                 "optimizer": (_optimizers(), {"default": "adamw", "tooltip": "adamw8bit needs bitsandbytes, "
@@ -264,9 +285,11 @@ class TrainLoRA2:
             buckets = bucket_sizes(int(resolution), int(min_bucket_reso), int(max_bucket_reso))
         lora_dir = folder_paths.get_folder_paths("loras")[0]
         out = free_path(lora_dir, output_name)  # a taken name gets _2, _3 …: queuing a run twice never fails
-        if backend == "embedded" and (int(num_processes) != 1 or int(sample_every_n_steps) > 0):
-            raise ValueError("num_processes > 1 and sample images need backend sd-scripts (the embedded backend "
-                             "trains in one process and draws no samples)")
+        if backend == "embedded" and int(num_processes) != 1:
+            raise ValueError("num_processes > 1 needs backend sd-scripts (the embedded backend trains in one "
+                             "process)")
+        if int(sample_every_n_steps) < 0:
+            raise ValueError(f"sample_every_n_steps must be at least 0, got {sample_every_n_steps}")
         run = _Run(unique_id, config.steps)
         samples = []
         if backend == "sd-scripts":
@@ -280,9 +303,10 @@ class TrainLoRA2:
                 python_path, base_checkpoint, run, extra, resume_from=resume_from, num_processes=int(num_processes),
                 sample_prompts=sample_prompts, sample_every=int(sample_every_n_steps), sample_sampler=sample_sampler)
         else:
-            adapter, history = self._train_embedded(model, clip, vae, config, out, dataset_path, images,
-                                                    captions, instance_prompt, resolution, resume_from, run,
-                                                    buckets, latents, positive)
+            adapter, history, samples = self._train_embedded(
+                model, clip, vae, config, out, dataset_path, images, captions, instance_prompt, resolution,
+                resume_from, run, buckets, latents, positive, sample_prompts=sample_prompts,
+                sample_every=int(sample_every_n_steps), sample_sampler=sample_sampler)
         out = run.saved_as or out
         from .load import patch_with_adapter
 
@@ -290,7 +314,7 @@ class TrainLoRA2:
         ranks = adapter.ranks()
         info = _info_line(out, output_name, adapter, history, run)
         run.send(status="done", saved=out.name, ranks_by_block=_block_means(ranks), message=info,
-                 **run.memory())
+                 **run.take_samples(), **run.memory())
         return {"ui": {"lora2_saved": [out.name], "text": [info]},
                 "result": (model_out, clip_out, adapter, history, info, images_tensor(samples))}
 
@@ -317,10 +341,21 @@ class TrainLoRA2:
         return D.load_folder(dataset_path, resolution, instance_prompt, buckets)
 
     def _train_embedded(self, model, clip, vae, config, out, dataset_path, images, captions, instance_prompt,
-                        resolution, resume_from, run, buckets=None, latents=None, positive=None):
+                        resolution, resume_from, run, buckets=None, latents=None, positive=None, sample_prompts="",
+                        sample_every=0, sample_sampler="euler_a"):
+        """(adapter, history, sample images): the sample images are (H, W, 3) tensors, step then prompt order."""
         import torch
 
         import comfy.model_management as mm
+
+        prompts = []
+        if sample_every > 0:
+            from lora2_train.sample_prompts import DEFAULT_CFG, DEFAULT_SIZE, DEFAULT_STEPS, parse_prompts
+
+            prompts = parse_prompts(sample_prompts, width=DEFAULT_SIZE, height=DEFAULT_SIZE, steps=DEFAULT_STEPS,
+                                    cfg=DEFAULT_CFG, seed=config.seed, sampler=sample_sampler)
+            if clip is None or vae is None:
+                raise ValueError("sample_prompts: samples need the clip and vae inputs connected")
 
         base = model.model
         if not hasattr(base, "encode_adm") or base.encode_adm(pooled_output=torch.zeros(1, 1280), width=8,
@@ -352,6 +387,7 @@ class TrainLoRA2:
         else:
             # under ComfyUI's inference mode, once per run; captions too unless the text encoders train
             data = self._encode(base, clip, vae, examples, captions_only=text_encoders is not None)
+        conds = _encode_prompts(clip, prompts)  # before training: the text encoders are unloaded next
         with torch.inference_mode(False):  # copies usable by autograd
             data = [{"latents": d["latents"].clone(), "cond": {k: v.clone() for k, v in d["cond"].items()}}
                     for d in data]
@@ -370,8 +406,11 @@ class TrainLoRA2:
             text = _TextConditioning(clip, base, text_encoders, list(dict.fromkeys(ex.caption for ex in examples)))
         else:
             _load_for_training(model)
+        sampler = _Sampler(model, vae, prompts, conds, run, out.stem) if prompts else None
         with torch.inference_mode(False), torch.enable_grad():
-            return self._run_trainer(base, unet, data, config, out, device, resume_from, run, sampling, text)
+            adapter, history = self._run_trainer(base, unet, data, config, out, device, resume_from, run, sampling,
+                                                 text=text, sampler=sampler, sample_every=sample_every)
+        return adapter, history, sampler.images if sampler is not None else []
 
     def _encode(self, base, clip, vae, examples, captions_only=False):
         """(latents, context, y) per example: VAE latents scaled by the latent format; CLIP cond + pooled;
@@ -402,7 +441,10 @@ class TrainLoRA2:
             data.append({"latents": lat, "cond": {"context": context, "y": y[0].float().cpu()}})
         return data
 
-    def _run_trainer(self, base, unet, data, config, out, device, resume_from, run, sampling=None, text=None):
+    def _run_trainer(self, base, unet, data, config, out, device, resume_from, run, sampling=None, text=None,
+                     sampler=None, sample_every=0):
+        """Train; `text` (text-encoder targets) recomputes the conditioning in every step; `sampler` (called with
+        the step) draws samples every `sample_every` steps."""
         import torch
 
         import comfy.model_management as mm
@@ -451,7 +493,8 @@ class TrainLoRA2:
         unet_call = _UNetCall(unet, dtype) if text is None else _TextUNetCall(unet, dtype, text)
         trainer = Trainer(unet_call, network, data, config, schedule=schedule, out_dir=ckpt_dir,
                           callback=callback, should_stop=mm.processing_interrupted, device=device,
-                          entropy_root=unet, on_save=snapshot)
+                          entropy_root=unet, on_save=snapshot, on_sample=sampler,
+                          sample_every=int(sample_every) if sampler is not None else 0)
         try:
             with _autograd_attention(), _norm_inputs_copied(unet, *encoders), _cancel_at_step_boundaries():
                 result = trainer.train(resume_from=resume_from or None)
@@ -517,8 +560,11 @@ class TrainLoRA2:
             else:
                 self._examples(dataset_path, None, "", instance_prompt, resolution)  # validate early, one line
             history: list[dict] = []
+            shown: set[str] = set()
 
             def callback(ev):
+                if sample_every > 0:  # sample images sd-scripts wrote since the last step: to the chart
+                    run.new_samples = _sd_scripts_sample_refs(out, started, shown) or run.new_samples
                 run.step(ev)
                 if ev.step == 1 or ev.resized or ev.step % config.resize_every == 0 or ev.step == ev.total:
                     history.append({"step": ev.step, "ranks": dict(ev.ranks), "loss": float(ev.loss)})
@@ -542,6 +588,8 @@ class TrainLoRA2:
                 run.send(status="interrupted", message=msg, checkpoint=str(e.state) if e.state else None)
                 mm.throw_exception_if_processing_interrupted()
                 raise mm.InterruptProcessingException() from None
+        if sample_every > 0:  # written after the last progress line: with the final message
+            run.new_samples = run.new_samples + _sd_scripts_sample_refs(out, started, shown)
         adapter = load_adapter(path)
         if not history:
             history.append({"step": config.steps, "ranks": adapter.ranks(), "loss": float("nan")})
@@ -666,6 +714,7 @@ class _Run:
         self.node_id, self.total = node_id, total
         self.saved_as = None  # the final file, once written
         self.snapshots: list[str] = []
+        self.new_samples: list[dict] = []  # image references of samples not yet sent to the chart
         self.device = None
         self.bar = comfy.utils.ProgressBar(total)
         self.send(status="started", step=0)
@@ -699,26 +748,171 @@ class _Run:
             mm.interrupt_current_processing(True)
         self.send(status="running", step=ev.step, loss=ev.loss, mse=ev.mse, reg=ev.reg, entropy=ev.entropy,
                   num_params=ev.num_params, elapsed=ev.elapsed, ranks_by_block=_block_means(ev.ranks), lr=ev.lr,
-                  **self.memory())
+                  **self.take_samples(), **self.memory())
+
+    def take_samples(self) -> dict:
+        """``{"samples": [references]}`` of the samples not sent yet (drawn before this message), or {}."""
+        if not self.new_samples:
+            return {}
+        refs, self.new_samples = self.new_samples, []
+        return {"samples": refs}
 
 
-def images_tensor(paths, size: int = PLACEHOLDER_SIZE):
-    """Image files → one ComfyUI IMAGE batch (B, H, W, 3) in [0, 1]; images of another size than the first
-    are resized to it (sd-scripts prompts may ask for different sizes); no file → one black placeholder."""
+class _Sampler:
+    """The embedded backend's samples: called by the trainer with the step (under torch.no_grad, entropy hooks
+    paused, RNG state restored afterwards), it samples every prompt with ComfyUI's ``comfy.sample.sample`` on
+    the MODEL being trained (the LoRA² network patches its U-Net's module forwards), decodes with the VAE,
+    keeps the images and saves them as PNG into ComfyUI's temp folder for the live chart (``/view``)."""
+
+    SUBFOLDER = "lora2_samples"
+
+    def __init__(self, model, vae, prompts, conds, run, name):
+        import uuid
+
+        self.model, self.vae, self.prompts, self.conds, self.run = model, vae, prompts, conds, run
+        self.name = f"{name}_{uuid.uuid4().hex[:8]}"
+        self.images = []
+
+    def __call__(self, step):
+        import comfy.model_management as mm
+        import comfy.sample
+
+        latent_channels = getattr(getattr(self.model.model, "latent_format", None), "latent_channels", 4)
+        refs = []
+        with _keep_loaded(self.model):
+            for i, (p, (positive, negative)) in enumerate(zip(self.prompts, self.conds)):
+                latent = _zeros(1, latent_channels, p.height // 8, p.width // 8)
+                noise = comfy.sample.prepare_noise(latent, p.seed)
+                try:
+                    out = comfy.sample.sample(self.model, noise, p.steps, p.cfg, p.comfy_sampler, "normal", positive,
+                                              negative, latent, denoise=1.0, disable_pbar=True, seed=p.seed)
+                    image = self.vae.decode(out)[0].float().cpu().clamp(0, 1)
+                except mm.InterruptProcessingException:  # Cancel while sampling: training stops at the next step
+                    mm.interrupt_current_processing(True)
+                    break
+                self.images.append(image)
+                refs.append(self._save(image, step, i))
+        if refs:
+            self.run.new_samples = refs
+            logging.info("Train LoRA²: step %d: %d sample image(s)", step, len(refs))
+
+    def _save(self, image, step, i):
+        """The image as PNG in ComfyUI's temp folder; its /view reference (None when it cannot be written)."""
+        import folder_paths
+        from PIL import Image
+
+        name = f"{self.name}_{step:06d}_{i:02d}.png"
+        try:
+            folder = os.path.join(folder_paths.get_temp_directory(), self.SUBFOLDER)
+            os.makedirs(folder, exist_ok=True)
+            arr = (image * 255).round().byte().numpy()
+            Image.fromarray(arr).save(os.path.join(folder, name))
+        except OSError as e:  # the chart then goes without it; the image is still returned
+            logging.warning("Train LoRA²: could not write sample %s: %s", name, e)
+            return None
+        return {"filename": name, "subfolder": self.SUBFOLDER, "type": "temp", "step": step, "prompt": i}
+
+
+def _sd_scripts_sample_refs(out, since, shown: set) -> list[dict]:
+    """/view references of the sample images sd-scripts wrote for this run and not shown yet (`shown`: their
+    names), each copied into ComfyUI's temp folder (the loras folder is not served)."""
+    import shutil
+
+    import folder_paths
+    from lora2_train.kohya.launch import sample_images
+
+    refs = []
+    for p in sample_images(out.parent, out.stem, since=since):
+        if p.name in shown:
+            continue
+        shown.add(p.name)
+        parts = p.stem[len(out.stem) + 1:].split("_")
+        try:
+            folder = os.path.join(folder_paths.get_temp_directory(), _Sampler.SUBFOLDER)
+            os.makedirs(folder, exist_ok=True)
+            shutil.copyfile(p, os.path.join(folder, p.name))
+        except OSError as e:
+            logging.warning("Train LoRA²: could not copy sample %s for the chart: %s", p.name, e)
+            continue
+        refs.append({"filename": p.name, "subfolder": _Sampler.SUBFOLDER, "type": "temp",
+                     "step": int(parts[0]) if parts[0].isdigit() else parts[0],
+                     "prompt": int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else len(refs)})
+    return refs
+
+
+def _zeros(*shape):
+    import torch
+
+    return torch.zeros(shape)
+
+
+@contextlib.contextmanager
+def _keep_loaded(model):
+    """While sampling during training, ComfyUI's memory manager must not unload the U-Net being trained to
+    make room (for the VAE): its ``free_memory`` gets the training model added to the models it keeps."""
+    import comfy.model_management as mm
+
+    original = getattr(mm, "free_memory", None)
+    if original is None:
+        yield
+        return
+    def free_memory(memory_required, device, keep_loaded=(), *args, **kwargs):
+        keep = [m for m in getattr(mm, "current_loaded_models", []) if getattr(m, "model", None) is model]
+        return original(memory_required, device, list(keep_loaded) + keep, *args, **kwargs)
+
+    mm.free_memory = free_memory
+    try:
+        yield
+    finally:
+        mm.free_memory = original
+
+
+def _encode_prompts(clip, prompts):
+    """[(positive, negative)] CONDITIONING per prompt, encoded now (the text encoders are unloaded for
+    training), as autograd-usable CPU copies; the SDXL size conditioning is the prompt's size."""
+    import torch
+
+    cache, out = {}, []
+    for p in prompts:
+        pair = []
+        for text in (p.prompt, p.negative):
+            if text not in cache:
+                cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+                with torch.inference_mode(False):
+                    cache[text] = (cond.detach().cpu().clone(), pooled.detach().cpu().clone())
+            cond, pooled = cache[text]
+            size = {"width": p.width, "height": p.height, "target_width": p.width, "target_height": p.height,
+                    "crop_w": 0, "crop_h": 0}
+            pair.append([[cond, {"pooled_output": pooled, **size}]])
+        out.append(tuple(pair))
+    return out
+
+
+def images_tensor(images, size: int = PLACEHOLDER_SIZE):
+    """Image files or (H, W, 3) tensors in [0, 1] → one ComfyUI IMAGE batch (B, H, W, 3); images of another
+    size than the first are resized to it (sample prompts may ask for different sizes); none → one black
+    placeholder."""
     import numpy as np
     import torch
+    import torch.nn.functional as F
     from PIL import Image
 
-    if not paths:
+    if not images:
         return torch.zeros(1, size, size, 3)
-    frames, first = [], None
-    for p in paths:
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            first = first or im.size
-            if im.size != first:
-                im = im.resize(first, Image.BICUBIC)
-            frames.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0))
+    frames = []
+    for p in images:
+        if isinstance(p, torch.Tensor):
+            frame = p.detach().float().cpu()
+        else:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                if frames and (im.height, im.width) != tuple(frames[0].shape[:2]):
+                    im = im.resize((frames[0].shape[1], frames[0].shape[0]), Image.BICUBIC)
+                frame = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
+        if frames and frame.shape != frames[0].shape:
+            frame = F.interpolate(frame.permute(2, 0, 1)[None], size=tuple(frames[0].shape[:2]), mode="bicubic",
+                                  align_corners=False)[0].permute(1, 2, 0).clamp(0, 1)
+        frames.append(frame)
     return torch.stack(frames)
 
 

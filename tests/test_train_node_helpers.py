@@ -55,7 +55,7 @@ def test_inputs_cover_the_paper_hyperparameters_and_presets(train_mod):
 
 def test_sample_files_become_one_image_batch(train_mod, tmp_path):
     """sd-scripts' sample PNGs → IMAGE (B, H, W, 3); other sizes are resized to the first; none → one black
-    64×64 placeholder (the embedded backend draws no samples)."""
+    64×64 placeholder (no samples asked for)."""
     from PIL import Image
 
     empty = train_mod.images_tensor([])
@@ -337,3 +337,34 @@ def test_text_encoder_lr_reaches_sd_scripts(train_mod, monkeypatch, tmp_path):
         assert s.get("text_encoder_lr") == expected and s["learning_rate"] == s["unet_lr"] == 2e-4
         assert s["network_train_unet_only"] is (expected is None)
         assert s["cache_text_encoder_outputs"] is (expected is None)
+
+
+def test_sample_tensors_become_one_image_batch(train_mod):
+    """The embedded backend's samples ((H, W, 3) tensors) → one IMAGE batch, other sizes resized to the first."""
+    a, b = torch.full((32, 48, 3), 0.25), torch.full((16, 24, 3), 0.75)
+    batch = train_mod.images_tensor([a, b, a])
+    assert batch.shape == (3, 32, 48, 3)
+    assert torch.equal(batch[0], a) and torch.equal(batch[2], a)
+    assert torch.allclose(batch[1], torch.full((32, 48, 3), 0.75), atol=1e-5)
+
+
+def test_sampling_keeps_the_training_model_loaded(train_mod, monkeypatch):
+    """While sampling during training, ComfyUI's free_memory (called to make room for the VAE) keeps the model
+    being trained; outside, free_memory is ComfyUI's own again."""
+    import types
+
+    calls = []
+
+    def free_memory(memory_required, device, keep_loaded=[]):
+        calls.append(list(keep_loaded))
+
+    training, other = object(), object()
+    entries = [types.SimpleNamespace(model=other), types.SimpleNamespace(model=training)]
+    mm = types.SimpleNamespace(free_memory=free_memory, current_loaded_models=entries)
+    monkeypatch.setitem(sys.modules, "comfy", types.SimpleNamespace(model_management=mm))
+    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    with train_mod._keep_loaded(training):
+        mm.free_memory(1, "cuda", ["vae"])
+        mm.free_memory(1, "cuda")
+    assert mm.free_memory is free_memory
+    assert calls == [["vae", entries[1]], [entries[1]]]

@@ -8,6 +8,7 @@ import { api } from "../../scripts/api.js";
 const TRAIN = "LoRA2Train";
 const LOAD = "LoRA2LoadAdapter";
 const CHART_H = 230;
+const SAMPLE_H = 96; // row of the newest sample images under the charts, when the run draws samples
 const MAX_POINTS = 2000;
 const COLORS = { loss: "#4fc3f7", mse: "#ffb74d", bar: "#81c784", full: "#5c6bc0", text: "#ddd", dim: "#888" };
 
@@ -65,8 +66,8 @@ function widgetsBottom(node) {
   return bottom + 6;
 }
 
-function ensureRoom(node, top) {
-  const need = top + CHART_H;
+function ensureRoom(node, top, extra = 0) {
+  const need = top + CHART_H + extra;
   if (node.size[1] < need) {
     const size = [node.size[0], need];
     if (node.setSize) node.setSize(size);
@@ -154,9 +155,9 @@ function drawBars(ctx, x, y, w, h, title, series, behind) {
 }
 
 // Room below the node's widgets, and the context saved and set for a status line: {top, x, w}.
-function beginPanel(node, ctx, color) {
-  const top = widgetsBottom(node);
-  ensureRoom(node, top);
+function beginPanel(node, ctx, color, extra = 0, at = null) {
+  const top = at ?? widgetsBottom(node);
+  ensureRoom(node, top, extra);
   ctx.save();
   ctx.font = "11px sans-serif";
   ctx.textAlign = "left";
@@ -170,9 +171,38 @@ function peak(mb) {
   return typeof mb === "number" ? `  peak ${Math.round(mb)} MiB` : "";
 }
 
-function drawTrain(node, ctx) {
+// URL of a sample image the node saved in ComfyUI's temp folder ({filename, subfolder, type}), served by /view
+export function viewUrl(ref) {
+  const q = new URLSearchParams({ filename: ref.filename, subfolder: ref.subfolder || "", type: ref.type || "temp" });
+  const path = "/view?" + q.toString();
+  return api.apiURL ? api.apiURL(path) : path;
+}
+
+// the newest samples, side by side in a row of height h (each image scaled to fit its slot)
+function drawSamples(ctx, x, y, w, h, st) {
+  drawFrame(ctx, x, y, w, h, `samples, step ${st.sampleStep}`);
+  const imgs = st.sampleImages.filter((im) => im.complete && im.naturalWidth > 0);
+  if (!imgs.length) return;
+  const slot = w / st.sampleImages.length, top = y + 16, hh = h - 20;
+  st.sampleImages.forEach((im, i) => {
+    if (!(im.complete && im.naturalWidth > 0)) return;
+    const s = Math.min((slot - 4) / im.naturalWidth, hh / im.naturalHeight);
+    const iw = im.naturalWidth * s, ih = im.naturalHeight * s;
+    ctx.drawImage(im, x + slot * i + (slot - iw) / 2, top + (hh - ih) / 2, iw, ih);
+  });
+}
+
+function samplesRoom(node) {
   const st = node.lora2;
-  const { top, x, w } = beginPanel(node, ctx, st && st.status === "interrupted" ? "#ef9a9a" : COLORS.text);
+  return st && st.sampleImages && st.sampleImages.length ? SAMPLE_H + 4 : 0;
+}
+
+// at: the y of the panel's widget (the panel is the node's last widget, so that a multiline text widget, which
+// takes the node's free height, does not grow into it); without it, below the widgets
+function drawTrain(node, ctx, at = null) {
+  const st = node.lora2;
+  const extra = samplesRoom(node);
+  const { top, x, w } = beginPanel(node, ctx, st && st.status === "interrupted" ? "#ef9a9a" : COLORS.text, extra, at);
   let line = "LoRA²: waiting for training";
   if (st) {
     if (st.status === "interrupted") line = st.message || "cancelled";
@@ -184,6 +214,7 @@ function drawTrain(node, ctx) {
   const h = (CHART_H - 24) / 2;
   drawLoss(ctx, x, top + 18, w, h, st ? st.points : []);
   drawBars(ctx, x, top + 22 + h, w, h, "mean rank per block", (st && st.blocks) || {});
+  if (extra) drawSamples(ctx, x, top + CHART_H, w, SAMPLE_H, st);
   ctx.restore();
 }
 
@@ -219,6 +250,15 @@ function onProgress(event) {
     st.points.push({ step: d.step, loss: d.loss, mse: d.mse });
     if (st.points.length > MAX_POINTS) st.points.splice(0, st.points.length - MAX_POINTS);
   }
+  if (Array.isArray(d.samples) && d.samples.length) {
+    st.sampleStep = d.samples[0].step ?? d.step;
+    st.sampleImages = d.samples.filter((r) => r && r.filename).map((r) => {
+      const im = new Image();
+      im.onload = () => node.setDirtyCanvas?.(true, true);
+      im.src = viewUrl(r);
+      return im;
+    });
+  }
   if (d.ranks_by_block) st.blocks = d.ranks_by_block;
   if (d.saved) st.saved = d.saved;
   if (d.message) st.message = d.message;
@@ -246,8 +286,23 @@ app.registerExtension({
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name === TRAIN) {
+      chain(nodeType.prototype, "onNodeCreated", function () {
+        // the panel as a widget of its own height: the layout keeps that room below the other widgets
+        this.addCustomWidget?.({
+          name: "lora2_chart", type: "lora2_chart", value: null, serialize: false, options: { serialize: false },
+          draw(ctx, node, _width, y) {
+            if (!node.flags?.collapsed) drawTrain(node, ctx, y);
+          },
+          computeSize(width) {
+            return [width ?? 0, CHART_H + samplesRoom(this.node)];
+          },
+        });
+        const w = this.widgets?.[this.widgets.length - 1];
+        if (w && w.name === "lora2_chart") w.node = this;
+      });
       chain(nodeType.prototype, "onDrawForeground", function (ctx) {
-        if (!this.flags?.collapsed) drawTrain(this, ctx);
+        // without the panel widget (a frontend without addCustomWidget): below the widgets, as before
+        if (!this.flags?.collapsed && !this.widgets?.some((w) => w.name === "lora2_chart")) drawTrain(this, ctx);
       });
     } else if (nodeData.name === LOAD) {
       chain(nodeType.prototype, "onExecuted", function (output) {

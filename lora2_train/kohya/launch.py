@@ -31,6 +31,7 @@ from ..config import LoRA2Config
 from ..format import output_path
 from ..optim import OPTIMIZERS, SD_SCRIPTS_NAMES
 from ..progress import progress_bar
+from ..sample_prompts import prompt_lines
 from ..trainer import ProgressEvent
 
 PROGRESS_PREFIX = "LORA2_PROGRESS "
@@ -298,13 +299,9 @@ def check_state_dir(folder) -> Path:
 
 def sample_prompt_lines(prompts) -> list[str]:
     """Prompt lines of sd-scripts' prompt file: one prompt per line (its options such as ``--w 1024 --h 1024
-    --s 28 --d 1`` may follow the prompt on the line); empty lines and ``#`` comments are dropped."""
-    if isinstance(prompts, str):
-        prompts = prompts.splitlines()
-    lines = [p.strip() for p in prompts or () if p.strip() and not p.strip().startswith("#")]
-    if not lines:
-        raise ValueError("sample_prompts: no prompt (one per line)")
-    return lines
+    --s 28 --d 1`` may follow the prompt on the line); empty lines and ``#`` comments are dropped
+    (:func:`lora2_train.sample_prompts.prompt_lines`)."""
+    return prompt_lines(prompts)
 
 
 def write_sample_prompts(path: Path, prompts) -> Path:

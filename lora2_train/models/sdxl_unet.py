@@ -233,6 +233,9 @@ class SDXLUNet(nn.Module):
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
 
+    def disable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = False
+
     def _run(self, block, h, emb, context):
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, h, emb, context, use_reentrant=False)

@@ -85,8 +85,9 @@ class CDP:
         return out
 
 
-def progress_script(node_id: int, steps: int) -> str:
-    """Dispatch the messages the training node sends (same shape as nodes/train.py's _Run) into the page."""
+def progress_script(node_id: int, steps: int, samples: list | None = None) -> str:
+    """Dispatch the messages the training node sends (same shape as nodes/train.py's _Run) into the page;
+    `samples` (image references) ride on the last step's message, as the node sends the newest ones."""
     msgs = [{"node": str(node_id), "total": steps, "status": "started", "step": 0}]
     for s in range(1, steps + 1):
         ranks = {b: 64 - (16 + 4 * i) * s / steps * (1 if i % 2 else 0.5) for i, b in enumerate(BLOCKS)}
@@ -94,6 +95,8 @@ def progress_script(node_id: int, steps: int) -> str:
         msgs.append({"node": str(node_id), "total": steps, "status": "running", "step": s, "loss": loss,
                      "mse": loss - 0.01, "reg": 0.01, "entropy": 0.0, "num_params": 3_000_000 - 20_000 * s,
                      "elapsed": s * 1.5, "ranks_by_block": ranks})
+    if samples:
+        msgs[-1]["samples"] = samples
     return ("(async () => { const { api } = await import('/scripts/api.js');"
             f" for (const d of {json.dumps(msgs)}) api.dispatchEvent(new CustomEvent('lora2.progress', {{ detail: d }}));"
             " return true; })()")
@@ -168,15 +171,39 @@ async def finish(cdp, shot: Path, scale: float, x: float, y: float) -> list:
     return errors
 
 
-async def drive(port: int, url: str, workflow: dict, shot: Path) -> dict:
+def sample_refs(temp_dir: Path, steps: int) -> list:
+    """Two sample PNGs written where the node writes them (ComfyUI's temp folder, subfolder lora2_samples), and
+    their references as the node sends them."""
+    from PIL import Image
+
+    folder = temp_dir / "lora2_samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    refs = []
+    for i, color in enumerate(((200, 80, 40), (40, 120, 220))):
+        name = f"browser_{steps:06d}_{i:02d}.png"
+        Image.new("RGB", (64, 48), color).save(folder / name)
+        refs.append({"filename": name, "subfolder": "lora2_samples", "type": "temp", "step": steps, "prompt": i})
+    return refs
+
+
+async def drive(port: int, url: str, workflow: dict, shot: Path, samples: list | None = None) -> dict:
     async with aiohttp.ClientSession() as s:
         cdp = await open_page(port, url, s)
         found = await load_workflow(cdp, workflow)
-        await cdp.js(progress_script(10, 40))
+        await cdp.js(progress_script(10, 40, samples))
+        deadline = time.monotonic() + 30
+        while samples and not await cdp.js("app.graph.getNodeById(10).lora2.sampleImages.every(im => im.complete)"):
+            assert time.monotonic() < deadline, "sample images did not load"
+            await asyncio.sleep(0.2)
         await cdp.js(loader_output(30))
         found["train_state"] = await cdp.js(
             "(() => { const n = app.graph.getNodeById(10); return n.lora2 && {points: n.lora2.points.length, "
-            "step: n.lora2.step, blocks: Object.keys(n.lora2.blocks).length, h: n.size[1]}; })()")
+            "step: n.lora2.step, blocks: Object.keys(n.lora2.blocks).length, h: n.size[1], "
+            "samples: (n.lora2.sampleImages || []).map(im => [im.naturalWidth, im.naturalHeight])}; })()")
+        found["train_h_later"] = await cdp.js(
+            "(async () => { for (let i = 0; i < 5; i++) { app.graph.setDirtyCanvas(true, true); app.canvas.draw(true, true);"
+            " await new Promise(r => setTimeout(r, 50)); } return app.graph.getNodeById(10).size[1]; })()")
+        found["train_prompt_inputs"] = await cdp.js("app.graphToPrompt().then(p => Object.keys(p.output['10'].inputs))")
         found["load_state"] = await cdp.js(
             "(() => { const n = app.graph.getNodeById(30); return n.lora2 && {name: n.lora2.name, h: n.size[1]}; })()")
         found["errors"] = await finish(cdp, shot, 0.85, 0, -40)  # the training node and the loader in view
@@ -201,7 +228,7 @@ def our_errors(errors: dict) -> list:
     return [e for e in errors["startup"] if "lora2" in e.lower()] + errors["after"]
 
 
-def run_chromium(tmp_path: Path, url: str, coro, workflow: dict, shot: Path) -> dict:
+def run_chromium(tmp_path: Path, url: str, coro, workflow: dict, shot: Path, *extra) -> dict:
     exe = chromium()
     if exe is None:
         pytest.skip("no Chromium binary (install the Debian package 'chromium'); browser check not run")
@@ -211,7 +238,7 @@ def run_chromium(tmp_path: Path, url: str, coro, workflow: dict, shot: Path) -> 
                              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1600,1000", "about:blank"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        return asyncio.run(coro(port, url, workflow, shot))
+        return asyncio.run(coro(port, url, workflow, shot, *extra))
     finally:
         proc.terminate()
         try:
@@ -223,13 +250,20 @@ def run_chromium(tmp_path: Path, url: str, coro, workflow: dict, shot: Path) -> 
 def test_extension_draws_charts_without_js_errors(comfyui_alive, tmp_path):
     workflow = json.loads(WORKFLOW.read_text())
     shot = tmp_path / "comfyui_train_node.png"
-    found = run_chromium(tmp_path, comfyui_alive.url, drive, workflow, shot)
+    # ComfyUI's temp folder is <--temp-directory>/temp
+    samples = sample_refs(comfyui_alive.dirs["temp"] / "temp", 40)
+    found = run_chromium(tmp_path, comfyui_alive.url, drive, workflow, shot, samples)
     assert our_errors(found["errors"]) == [], found["errors"]
     assert "lora2.charts" in found["extensions"]
     assert {"LoRA2Train", "LoRA2LoadAdapter", "LoRA2VisualizeRanks"} <= set(found["types"])
     assert not found["missing_dialog"]
-    assert found["train_state"] == {"points": 40, "step": 40, "blocks": len(BLOCKS), "h": found["train_state"]["h"]}
-    assert found["train_state"]["h"] >= 800  # the node grew room for the chart below its widgets
+    assert found["train_state"] == {"points": 40, "step": 40, "blocks": len(BLOCKS), "h": found["train_state"]["h"],
+                                    "samples": [[64, 48], [64, 48]]}  # the newest samples, loaded through /view
+    # the node grew room for the chart and the samples below its widgets (and no more: its multiline prompt widget
+    # does not take the panel's room, which would grow the node on every frame)
+    assert found["train_state"]["h"] >= 900 and found["train_h_later"] == found["train_state"]["h"], \
+        (found["train_state"]["h"], found["train_h_later"])
+    assert "sample_prompts" in found["train_prompt_inputs"] and "lora2_chart" not in found["train_prompt_inputs"]
     assert found["load_state"]["name"] == "lora2_sdxl.safetensors"
     assert shot.stat().st_size > 20_000
     if os.environ.get("LORA2_SCREENSHOT"):

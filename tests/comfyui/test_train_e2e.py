@@ -124,6 +124,56 @@ def test_train_chart_then_load_with_budget_and_sample(comfyui_alive, koala_check
     assert ui["full_ranks"] == ad.ranks()
 
 
+def test_embedded_samples_while_training_leave_the_adapter_unchanged(comfyui_alive, koala_checkpoint, dataset, loras):
+    """Embedded backend, sample_every_n_steps 1, two prompts at 64² with 2 sampling steps: 2 × 2 images come back
+    as `samples` and in the progress messages (served by /view from ComfyUI's temp folder), and the adapter is
+    bit-identical to that of the same run without samples."""
+    import io
+    import urllib.parse
+    import urllib.request
+
+    import numpy as np
+
+    server, (folder, name) = comfyui_alive, loras
+    prompts = "a photo of sks toy --w 64 --h 64 --s 2\n# a comment\na red ball --W 64 --h 64 --s 2 --d 5 --n blurry"
+    # latents + conditioning made once and fed to both runs (ComfyUI's VAE encode samples its posterior from the
+    # global RNG, so runs from images differ); entropy term and gradient checkpointing on
+    same = dict(resolution=64, lambda_e=0.1, gradient_checkpointing=True, latents=["4", 0], positive=["2", 0])
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": koala_checkpoint.name}},
+         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of sks toy", "clip": ["1", 1]}},
+         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
+         "20": train_node("1", dataset, f"{name}_plain", **same),
+         "21": train_node("1", dataset, f"{name}_sampled", sample_prompts=prompts, sample_every_n_steps=1,
+                          sample_sampler="k_euler_a", **same),
+         "22": {"class_type": "SaveImage", "inputs": {"images": ["21", 5], "filename_prefix": f"{name}_samples"}}}
+    with H.Messages(server) as ws:
+        entry = server.run(g, timeout=900)
+        time.sleep(0.5)
+    saved = H.output_images(entry, "22")
+    assert len(saved) == 4  # 2 steps × 2 prompts
+    arrays = [np.asarray(Image.open(server.dirs["output"] / s["subfolder"] / s["filename"])) for s in saved]
+    assert all(a.shape == (64, 64, 3) for a in arrays)
+    assert all(a.std() > 1.0 for a in arrays)  # decoded samples, not the black placeholder
+    assert not np.array_equal(arrays[0], arrays[1])  # two prompts, two seeds
+
+    running = [m for m in ws.progress("21") if m["status"] == "running"]
+    assert [m["step"] for m in running] == [1, 2]
+    for m in running:
+        refs = m["samples"]
+        assert [(r["step"], r["prompt"], r["type"], r["subfolder"]) for r in refs] == \
+            [(m["step"], 0, "temp", "lora2_samples"), (m["step"], 1, "temp", "lora2_samples")]
+        query = urllib.parse.urlencode({k: refs[1][k] for k in ("filename", "subfolder", "type")})
+        with urllib.request.urlopen(f"{server.url}/view?{query}", timeout=30) as r:
+            shown = np.asarray(Image.open(io.BytesIO(r.read())).convert("RGB"))
+        assert shown.shape == (64, 64, 3)
+    assert not any("samples" in m for m in ws.progress("20"))
+
+    plain, sampled = load_adapter(folder / f"{name}_plain.safetensors"), load_adapter(folder / f"{name}_sampled.safetensors")
+    assert plain.ranks() == sampled.ranks()
+    for k, m in plain.modules.items():
+        assert torch.equal(m.down, sampled.modules[k].down) and torch.equal(m.up, sampled.modules[k].up), k
+
+
 def test_cancel_keeps_a_resumable_checkpoint(comfyui_alive, koala_checkpoint, dataset, loras):
     server, (folder, name) = comfyui_alive, loras
     g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": koala_checkpoint.name}},

@@ -59,6 +59,8 @@ def test_sd_scripts_backend_samples_cancel_and_resume(comfyui_dir, tmp_path):
     # the samples of the resumed run (step 4), in prompt order, as one batch
     assert [s[:13] for s in f["samples"]] == ["cut_000004_00", "cut_000004_01"]
     assert f["batch_shape"] == [2, 48, 64, 3]  # the 64×64 prompt resized to the first image's size
+    # the chart gets each once (with the next progress message, or the final one), copied to the temp folder
+    assert f["chart"] == [["cut_000004_00", 4, 0, "temp", True], ["cut_000004_01", 4, 1, "temp", True]]
 
 
 TE_SCRIPT = Path(__file__).with_name("train_node_te_inprocess.py")

@@ -29,6 +29,7 @@ for d in (loras, ckpts, data):
 folder_paths.folder_names_and_paths["loras"] = ([loras], {".safetensors"})
 folder_paths.folder_names_and_paths["checkpoints"] = ([ckpts], {".safetensors"})
 folder_paths.set_output_directory(os.path.join(work, "output"))
+folder_paths.set_temp_directory(os.path.join(work, "temp"))
 open(os.path.join(ckpts, "sdxl.safetensors"), "wb").write(b"x")  # the stand-in builds its own U-Net
 Image.new("RGB", (64, 64), (200, 100, 50)).save(os.path.join(data, "a.png"))
 
@@ -79,20 +80,31 @@ state = note.split("set resume_from to ", 1)[1].split(" to continue")[0] if "set
 
 class Steps(train_mod._Run):
     seen = []
+    shown = []  # (step of the message, sample references it carries) for the chart
 
     def step(self, ev):
         super().step(ev)
         self.seen.append(ev.step)
 
+    def send(self, **data):
+        if data.get("samples"):
+            self.shown.append((data.get("step"), data["samples"]))
+        super().send(**data)
 
-resumed, resumed_history, samples = train("cut", Steps("3", 4), resume_from=state, **PROMPTS) if state else \
+
+steps_run = Steps("3", 4)
+resumed, resumed_history, samples = train("cut", steps_run, resume_from=state, **PROMPTS) if state else \
     (None, [], [])
+# what the chart gets: sent with a progress message, or left for the node's final message
+chart = [r for _, refs in Steps.shown for r in refs] + steps_run.take_samples().get("samples", [])
 batch = train_mod.images_tensor(samples)
 
 print(json.dumps({
     "samples": [os.path.basename(p) for p in samples], "batch_shape": list(batch.shape),
     "interrupted": interrupted, "flag_cleared": not mm.processing_interrupted(), "note": note, "state": state,
-    "resumed_steps": Steps.seen, "resumed_history_steps": [h["step"] for h in resumed_history],
+    "resumed_steps": Steps.seen,
+    "chart": [(r["filename"][:13], r["step"], r["prompt"], r["type"],
+               os.path.isfile(os.path.join(work, "temp", r["subfolder"], r["filename"]))) for r in chart], "resumed_history_steps": [h["step"] for h in resumed_history],
     "resumed_final": os.path.exists(output_path(loras, "cut")),
     "resumed_ranks_moved": len(set(resumed.ranks().values())) > 1 if resumed else False,
 }))
