@@ -386,7 +386,7 @@ class TrainLoRA2:
             data = _data_from_latents(base, latents, positive)
         else:
             # under ComfyUI's inference mode, once per run; captions too unless the text encoders train
-            data = self._encode(base, clip, vae, examples, captions_only=text_encoders is not None)
+            data = self._encode(base, clip, vae, examples, captions_only=text_encoders is not None, seed=config.seed)
         conds = _encode_prompts(clip, prompts)  # before training: the text encoders are unloaded next
         with torch.inference_mode(False):  # copies usable by autograd
             data = [{"latents": d["latents"].clone(), "cond": {k: v.clone() for k, v in d["cond"].items()}}
@@ -412,19 +412,25 @@ class TrainLoRA2:
                                                  text=text, sampler=sampler, sample_every=sample_every)
         return adapter, history, sampler.images if sampler is not None else []
 
-    def _encode(self, base, clip, vae, examples, captions_only=False):
+    def _encode(self, base, clip, vae, examples, captions_only=False, seed=0):
         """(latents, context, y) per example: VAE latents scaled by the latent format; CLIP cond + pooled;
         SDXL ADM vector (pooled ‖ original size, crop offset, target size embeddings) from the model's own
         encode_adm.  `captions_only` (text-encoder training): the conditioning is the example's caption index
-        and its (original size, crop offset, target size), encoded in every step by :class:`_TextConditioning`."""
+        and its (original size, crop offset, target size), encoded in every step by :class:`_TextConditioning`.
+        ComfyUI's VAE encode draws from the latent distribution with the global generator: it runs under a
+        generator state forked and seeded with the run's `seed` (the same images and seed give the same latents;
+        the caller's random state is left as it was)."""
         import torch
 
         cache = {}
         data = []
         captions: dict[str, int] = {}
-        for ex in examples:
-            pixels = ex.image.permute(1, 2, 0)[None]  # (1, H, W, 3), ComfyUI IMAGE layout
-            lat = base.process_latent_in(vae.encode(pixels)).float().cpu()[0]
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(seed))
+            latents = [base.process_latent_in(vae.encode(ex.image.permute(1, 2, 0)[None])).float().cpu()[0]
+                       for ex in examples]  # (1, H, W, 3): ComfyUI's IMAGE layout
+        for ex, lat in zip(examples, latents):
             if captions_only:
                 (oh, ow), (top, left), (th, tw) = ex.original_size, ex.crop_top_left, ex.target_size
                 data.append({"latents": lat, "cond": {

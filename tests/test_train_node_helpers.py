@@ -368,3 +368,31 @@ def test_sampling_keeps_the_training_model_loaded(train_mod, monkeypatch):
         mm.free_memory(1, "cuda")
     assert mm.free_memory is free_memory
     assert calls == [["vae", entries[1]], [entries[1]]]
+
+
+def test_vae_encoding_follows_the_seed_and_leaves_the_global_generator(train_mod):
+    """ComfyUI's VAE encode samples the latent distribution with the global generator: the node encodes under
+    a state seeded with the run's seed, so the same images and seed give the same latents, another seed other
+    latents, and the caller's random stream goes on as if nothing was drawn."""
+    from types import SimpleNamespace
+
+    class VAE:  # draws from the global generator like ComfyUI's DiagonalGaussian sampling
+        def encode(self, pixels):
+            return torch.randn(1, 4, pixels.shape[1] // 8, pixels.shape[2] // 8)
+
+    class Base:
+        process_latent_in = staticmethod(lambda x: x)
+
+    ex = SimpleNamespace(image=torch.rand(3, 64, 64), caption="a", original_size=(64, 64), crop_top_left=(0, 0),
+                         target_size=(64, 64))
+    node = train_mod.TrainLoRA2()
+    encode = lambda seed: [d["latents"] for d in node._encode(Base(), None, VAE(), [ex, ex], captions_only=True,
+                                                               seed=seed)]
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = encode(7)
+    assert torch.equal(torch.rand(3), expected_next)  # the global stream is untouched
+    b, c = encode(7), encode(8)
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and not torch.equal(a[0], c[0])
+    assert not torch.equal(a[0], a[1])  # two draws within one run differ, as ComfyUI's sampling does
