@@ -29,7 +29,8 @@ Reported (last line, JSON), per seed and mean: `spearman_planted` (learned effec
 planted rank over the non-zero components only), `level_means` (mean learned rank per planted level),
 `zero_at_floor` (share of rank-0 components that ended at r_min = 1), `spearman_all`, the tuned
 fixed-rank table and `params_ratio_at_equal_mse` (parameters of the smallest tuned fixed rank whose test
-error is at most LoRA²'s, interpolated on log parameters, over LoRA²'s), and `identifiability`: where the
+error is at most LoRA²'s, interpolated on log parameters, over LoRA²'s; null when no fixed rank of the run is
+as accurate, with `params_ratio_lower_bound` = the largest one's parameters over LoRA²'s), and `identifiability`: where the
 largest fixed rank puts its change (Spearman of its per-component ‖ΔW‖ and energy rank against the planted
 ranks, share of Σ‖ΔW‖² in planted components) — a check of the task, which no rank learner can pass
 if a student with room for every plant does not put its change where the plants are.
@@ -205,6 +206,10 @@ def summarize(opts, seed, runs: dict, noreg: dict, seconds: float, log) -> dict:
         "fixed": {str(r): {"params": v["params"], "test": rel(v["test"]), "lr": v["lr"], "val_by_lr": v["val_by_lr"]}
                   for r, v in fixed.items()},
         "params_ratio_at_equal_mse": round(equal / lora2["params"], 3) if equal else None,
+        # no fixed rank of the run as accurate as LoRA²: the ratio is at least the largest one's size over LoRA²'s
+        "params_ratio_lower_bound": (round(max(v["params"] for v in fixed.values()) / lora2["params"], 3)
+                                     if equal is None and all(v["test"] > lora2["test"] for v in fixed.values())
+                                     else None),
         # the largest fixed rank: where does a student with room for every plant put its change?
         "identifiability": {"rank": max(fixed), **identifiability(task.plan, fixed[max(fixed)]["delta"])},
         "dominated_by": [r for r, v in fixed.items() if v["params"] <= lora2["params"] and v["test"] < lora2["test"]],
@@ -270,6 +275,12 @@ def mean_of(per_seed, key):
     return round(statistics.fmean(s["identifiability"][key] for s in per_seed), 4)
 
 
+def _at_least(per_seed):
+    vals = [s["params_ratio_at_equal_mse"] if s["params_ratio_at_equal_mse"] is not None
+            else s["params_ratio_lower_bound"] for s in per_seed]
+    return min(vals) if all(v is not None for v in vals) else None
+
+
 def _ints(text):
     return tuple(int(v) for v in text.split(","))
 
@@ -309,6 +320,9 @@ def main(argv=None):
         "params_ratio_at_equal_mse": (round(statistics.fmean(ratios), 3) if all(r is not None for r in ratios)
                                       else None),
         "params_ratio_at_equal_mse_per_seed": ratios,
+        "params_ratio_lower_bound_per_seed": [s["params_ratio_lower_bound"] for s in per_seed],
+        # the smallest size ratio any seed supports: its ratio, or its lower bound where no fixed rank matches
+        "params_ratio_at_least": _at_least(per_seed),
         "lora2_dominated": any(s["dominated_by"] for s in per_seed),
         "identifiability_spearman_norm": mean_of(per_seed, "spearman_norm"),
         "identifiability_planted_energy_share": mean_of(per_seed, "planted_energy_share"),

@@ -19,7 +19,8 @@ def run(script, *args):
 def test_planted_ranks_quick():
     res = run("planted_ranks.py", "--quick")
     for key in ("spearman_planted", "spearman_planted_per_seed", "spearman_all", "level_means", "levels_increasing",
-                "zero_at_floor", "params_ratio_at_equal_mse", "lora2_dominated", "per_seed"):
+                "zero_at_floor", "params_ratio_at_equal_mse", "params_ratio_lower_bound_per_seed",
+                "params_ratio_at_least", "lora2_dominated", "per_seed"):
         assert key in res, key
     (seed,) = res["per_seed"]
     assert set(res["level_means"]) == {"2", "8", "32"} and res["seeds"] == [0]
@@ -42,9 +43,14 @@ def test_step_time_quick():
 def test_fixed_params_at_mse_interpolates_against_the_next_smaller_rank():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        from planted_ranks import fixed_params_at_mse
+        from planted_ranks import _at_least, fixed_params_at_mse
     finally:
         sys.path.pop(0)
+    # the smallest ratio the seeds support: a seed's ratio, or its lower bound where no fixed rank matched
+    seeds = [{"params_ratio_at_equal_mse": 5.58, "params_ratio_lower_bound": None},
+             {"params_ratio_at_equal_mse": None, "params_ratio_lower_bound": 5.57}]
+    assert _at_least(seeds) == 5.57 and _at_least(seeds[:1]) == 5.58
+    assert _at_least(seeds + [{"params_ratio_at_equal_mse": None, "params_ratio_lower_bound": None}]) is None
     fixed = {4: {"params": 100, "test": 1.0}, 8: {"params": 400, "test": 0.5}, 16: {"params": 1600, "test": 0.6}}
     assert fixed_params_at_mse(fixed, 2.0) == 100
     assert fixed_params_at_mse(fixed, 0.75) == pytest.approx(200.0)  # halfway on log params
