@@ -7,6 +7,7 @@ at the *end* of ``sys.path`` so that this repository's ``nodes`` package is not 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,25 @@ SDXL_UNET = {
     "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
+
+
+def start_script(argv):
+    """The start of an in-process Train-node script run as ``script COMFYUI_DIR WORK_DIR``: ComfyUI first on
+    ``sys.path``, told ``--cpu`` before any of its modules loads; LoRAs go to ``WORK_DIR/loras`` and outputs to
+    ``WORK_DIR/output``.  Returns (comfy_dir, work, loras folder)."""
+    comfy_dir, work = argv[1], argv[2]
+    sys.argv = [argv[0], "--cpu"]
+    sys.path.insert(0, comfy_dir)
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import folder_paths
+
+    loras = os.path.join(work, "loras")
+    os.makedirs(loras, exist_ok=True)
+    folder_paths.folder_names_and_paths["loras"] = ([loras], {".safetensors"})
+    folder_paths.set_output_directory(os.path.join(work, "output"))
+    return comfy_dir, work, loras
 
 
 def import_pack(root):

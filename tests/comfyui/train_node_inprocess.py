@@ -9,27 +9,17 @@ import json
 import os
 import sys
 
-comfy_dir, work = sys.argv[1], sys.argv[2]
-sys.argv = [sys.argv[0], "--cpu"]
-sys.path.insert(0, comfy_dir)
-import comfy.options  # noqa: E402
+from comfy_inprocess import import_pack, start_script  # (this script's own folder is on sys.path)
 
-comfy.options.enable_args_parsing()
+_, work, loras = start_script(sys.argv)
 
 import torch  # noqa: E402
 
 import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.supported_models  # noqa: E402
-import folder_paths  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-loras = os.path.join(work, "loras")
-os.makedirs(loras, exist_ok=True)
-folder_paths.folder_names_and_paths["loras"] = ([loras], {".safetensors"})
-folder_paths.set_output_directory(os.path.join(work, "output"))
-
-from comfy_inprocess import import_pack  # noqa: E402  (this script's own folder is on sys.path)
 
 train_mod = import_pack(ROOT)
 
