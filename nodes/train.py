@@ -1,7 +1,8 @@
 """Train LoRA² (SDXL): learn an adaptive-rank LoRA on a folder of images, inside ComfyUI or via sd-scripts.
 
 Embedded backend: images (fitted to aspect-ratio buckets) → VAE latents (scaled
-by the model's latent format), encoded once per run; captions → CLIP (cond +
+by the model's latent format), encoded once per run and kept on disk
+(``cache_to_disk``, :mod:`lora2_train.cache`) for later runs; captions → CLIP (cond +
 pooled, SDXL ADM vector with the real original size and crop offset from the
 model's own ``encode_adm``) — or latents and conditioning made by ComfyUI's own
 dataset nodes — then ``lora2_train.trainer.Trainer`` runs L_MSE + λ_r·L_reg +
@@ -202,6 +203,9 @@ class TrainLoRA2:
                                                "about resolution² pixels nearest its aspect ratio (else a square crop)"}),
                 "min_bucket_reso": ("INT", {"default": 256, "min": 64, "max": 8192, "step": 64}),
                 "max_bucket_reso": ("INT", {"default": 2048, "min": 64, "max": 8192, "step": 64}),
+                "cache_to_disk": ("BOOLEAN", {"default": True, "tooltip": "embedded backend: keep the VAE latents "
+                                  "and caption embeddings in output/lora2_cache, keyed by the pixels, captions, "
+                                  "encoders and seed, so a later run on the same data skips encoding"}),
                 "latents": ("LATENT", {"tooltip": "latents of ComfyUI's dataset nodes (MakeTrainingDataset, "
                                        "ResolutionBucket) or a LATENT batch, instead of the images"}),
                 "positive": ("CONDITIONING", {"tooltip": "with latents: their text conditioning (one per latent "
@@ -239,8 +243,8 @@ class TrainLoRA2:
               gradient_accumulation_steps=1, max_grad_norm=1.0, lr_scheduler="constant", lr_warmup_steps=0,
               text_encoder_lr=0.0, min_snr_gamma=0.0, noise_offset=0.0, loss_type="mse", huber_c=0.1,
               save_every_n_steps=0,
-              aspect_buckets=True, min_bucket_reso=256, max_bucket_reso=2048, latents=None, positive=None,
-              num_processes=1, sample_prompts="", sample_every_n_steps=0, sample_sampler="euler_a",
+              aspect_buckets=True, min_bucket_reso=256, max_bucket_reso=2048, cache_to_disk=True, latents=None,
+              positive=None, num_processes=1, sample_prompts="", sample_every_n_steps=0, sample_sampler="euler_a",
               unique_id=None):
         import folder_paths
 
@@ -306,7 +310,8 @@ class TrainLoRA2:
             adapter, history, samples = self._train_embedded(
                 model, clip, vae, config, out, dataset_path, images, captions, instance_prompt, resolution,
                 resume_from, run, buckets, latents, positive, sample_prompts=sample_prompts,
-                sample_every=int(sample_every_n_steps), sample_sampler=sample_sampler)
+                sample_every=int(sample_every_n_steps), sample_sampler=sample_sampler,
+                cache_to_disk=bool(cache_to_disk))
         out = run.saved_as or out
         from .load import patch_with_adapter
 
@@ -342,7 +347,7 @@ class TrainLoRA2:
 
     def _train_embedded(self, model, clip, vae, config, out, dataset_path, images, captions, instance_prompt,
                         resolution, resume_from, run, buckets=None, latents=None, positive=None, sample_prompts="",
-                        sample_every=0, sample_sampler="euler_a"):
+                        sample_every=0, sample_sampler="euler_a", cache_to_disk=False):
         """(adapter, history, sample images): the sample images are (H, W, 3) tensors, step then prompt order."""
         import torch
 
@@ -386,7 +391,14 @@ class TrainLoRA2:
             data = _data_from_latents(base, latents, positive)
         else:
             # under ComfyUI's inference mode, once per run; captions too unless the text encoders train
-            data = self._encode(base, clip, vae, examples, captions_only=text_encoders is not None, seed=config.seed)
+            from lora2_train.cache import EncodeCache
+
+            cache = EncodeCache(_cache_dir() if cache_to_disk else None)
+            data = self._encode(base, clip, vae, examples, captions_only=text_encoders is not None, seed=config.seed,
+                                cache=cache)
+            if cache.root is not None:
+                run.cache_report = cache.report()
+                logging.info("Train LoRA²: encoded data (%s): %s", cache.root, run.cache_report)
         conds = _encode_prompts(clip, prompts)  # before training: the text encoders are unloaded next
         with torch.inference_mode(False):  # copies usable by autograd
             data = [{"latents": d["latents"].clone(), "cond": {k: v.clone() for k, v in d["cond"].items()}}
@@ -412,35 +424,69 @@ class TrainLoRA2:
                                                  text=text, sampler=sampler, sample_every=sample_every)
         return adapter, history, sampler.images if sampler is not None else []
 
-    def _encode(self, base, clip, vae, examples, captions_only=False, seed=0):
+    def _encode(self, base, clip, vae, examples, captions_only=False, seed=0, cache=None):
         """(latents, context, y) per example: VAE latents scaled by the latent format; CLIP cond + pooled;
         SDXL ADM vector (pooled ‖ original size, crop offset, target size embeddings) from the model's own
         encode_adm.  `captions_only` (text-encoder training): the conditioning is the example's caption index
         and its (original size, crop offset, target size), encoded in every step by :class:`_TextConditioning`.
-        ComfyUI's VAE encode draws from the latent distribution with the global generator: it runs under a
-        generator state forked and seeded with the run's `seed` (the same images and seed give the same latents;
-        the caller's random state is left as it was)."""
+
+        ComfyUI's VAE encode draws from the latent distribution with the global generator: each image is
+        encoded under a generator state forked and seeded from the run's `seed`, its pixels and how often the
+        same pixels came before in this run (the same images and seed give the same latents, two copies of an
+        image two draws; the caller's random state is left as it was).  `cache`
+        (:class:`lora2_train.cache.EncodeCache`) keeps the VAE's output per (VAE, pixels, seed, copy) and the
+        CLIP's per (CLIP, tokens) on disk, so a later run on the same data skips the encoders."""
         import torch
 
-        cache = {}
-        data = []
-        captions: dict[str, int] = {}
-        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(int(seed))
-            latents = [base.process_latent_in(vae.encode(ex.image.permute(1, 2, 0)[None])).float().cpu()[0]
-                       for ex in examples]  # (1, H, W, 3): ComfyUI's IMAGE layout
-        for ex, lat in zip(examples, latents):
-            if captions_only:
+        from lora2_train.cache import EncodeCache, digest
+
+        cache = cache if cache is not None else EncodeCache(None)
+        vae_key = _vae_fingerprint(vae) if cache.root is not None else None
+        copies: dict[str, int] = {}
+        latents = []
+        for ex in examples:
+            pixels = ex.image.permute(1, 2, 0)[None]  # (1, H, W, 3): ComfyUI's IMAGE layout
+            content = digest("pixels", pixels)
+            n = copies[content] = copies.get(content, -1) + 1
+            key = digest("latent", vae_key, content, int(seed), n)
+            hit = cache.get("latents", key) if vae_key is not None else None
+            if hit is not None:
+                raw = hit["latent"]
+            else:
+                with _seeded(int(digest("vae-seed", int(seed), content, n)[:15], 16)):
+                    raw = vae.encode(pixels).float().cpu()
+                if vae_key is not None:
+                    cache.put("latents", key, {"latent": raw})
+            latents.append(base.process_latent_in(raw).float()[0])
+        if captions_only:
+            captions: dict[str, int] = {}
+            data = []
+            for ex, lat in zip(examples, latents):
                 (oh, ow), (top, left), (th, tw) = ex.original_size, ex.crop_top_left, ex.target_size
                 data.append({"latents": lat, "cond": {
                     "caption": torch.tensor(captions.setdefault(ex.caption, len(captions))),
                     "size": torch.tensor([oh, ow, top, left, th, tw])}})
-                continue
-            if ex.caption not in cache:
-                cond, pooled = clip.encode_from_tokens(clip.tokenize(ex.caption), return_pooled=True)
-                cache[ex.caption] = (cond[0].float().cpu(), pooled)
-            context, pooled = cache[ex.caption]
+            return data
+        clip_key = _clip_fingerprint(clip) if cache.root is not None else None
+        texts = {}
+        for caption in dict.fromkeys(ex.caption for ex in examples):
+            tokens = clip.tokenize(caption)
+            key = None
+            if clip_key is not None:
+                try:
+                    key = digest("text", clip_key, tokens)
+                except TypeError:  # tokens of a kind the key cannot hold: encoded, not kept
+                    key = None
+            hit = cache.get("text", key) if key is not None else None
+            if hit is None:
+                cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+                hit = {"cond": cond[0].float().cpu(), "pooled": pooled.float().cpu()}
+                if key is not None:
+                    cache.put("text", key, hit)
+            texts[caption] = (hit["cond"], hit["pooled"])
+        data = []
+        for ex, lat in zip(examples, latents):
+            context, pooled = texts[ex.caption]
             (oh, ow), (top, left), (th, tw) = ex.original_size, ex.crop_top_left, ex.target_size
             y = base.encode_adm(pooled_output=pooled, width=ow, height=oh, crop_w=left, crop_h=top,
                                 target_width=tw, target_height=th, device=pooled.device)
@@ -719,6 +765,7 @@ class _Run:
 
         self.node_id, self.total = node_id, total
         self.saved_as = None  # the final file, once written
+        self.cache_report = ""  # what the on-disk cache gave (lora2_train.cache.EncodeCache.report)
         self.snapshots: list[str] = []
         self.new_samples: list[dict] = []  # image references of samples not yet sent to the chart
         self.device = None
@@ -952,10 +999,52 @@ def _info_line(out, requested, adapter, history, run) -> str:
         text += f", {history[-1]['step']} steps, last loss {history[-1]['loss']:.4g}"
     if run.snapshots:
         text += f"; snapshots {', '.join(run.snapshots)}"
+    if run.cache_report:
+        text += f"; {run.cache_report}"
     mem = run.memory()
     if mem:
         text += f"; peak GPU memory {mem['peak_memory_mb']:.0f} MiB"
     return text
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """The global generators (CPU and every CUDA device) seeded with `seed` inside, restored afterwards."""
+    import torch
+
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+#: text and image the encoders' cache keys are computed from (see lora2_train.cache.encoder_fingerprint)
+_PROBE_TEXT = "a photo of a red fox sitting in tall grass at sunset, 35mm, detailed fur, bokeh"
+
+
+def _vae_fingerprint(vae) -> str:
+    """Cache key of the VAE: its latent of a fixed 64×64 probe image, drawn under a fixed seed."""
+    import torch
+
+    from lora2_train.cache import encoder_fingerprint
+
+    probe = (torch.arange(64 * 64 * 3, dtype=torch.float32) * 0.618034 % 1.0).reshape(1, 64, 64, 3)
+    with _seeded(0):
+        return encoder_fingerprint(vae.encode(probe))
+
+
+def _clip_fingerprint(clip) -> str:
+    """Cache key of the CLIP (with whatever LoRA is patched into it): its conditioning of a fixed probe text."""
+    from lora2_train.cache import encoder_fingerprint
+
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(_PROBE_TEXT), return_pooled=True)
+    return encoder_fingerprint(cond, pooled)
+
+
+def _cache_dir():
+    import folder_paths
+
+    return os.path.join(folder_paths.get_output_directory(), "lora2_cache")
 
 
 def _free_memory():

@@ -115,6 +115,7 @@ def test_info_line_names_the_file_and_why(train_mod, tmp_path):
 
     class Run:
         snapshots = ["lora2_sdxl_2_step5.safetensors"]
+        cache_report = ""
 
         def memory(self):
             return {"peak_memory_mb": 1234.5}
@@ -396,3 +397,110 @@ def test_vae_encoding_follows_the_seed_and_leaves_the_global_generator(train_mod
     b, c = encode(7), encode(8)
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and not torch.equal(a[0], c[0])
     assert not torch.equal(a[0], a[1])  # two draws within one run differ, as ComfyUI's sampling does
+
+
+class _FakeVAE:
+    """ComfyUI-like VAE: a latent from the pixels plus a draw from the global generator; counts its calls."""
+
+    def __init__(self, scale=1.0):
+        self.scale, self.calls = scale, 0
+
+    def encode(self, pixels):
+        self.calls += 1
+        x = pixels.permute(0, 3, 1, 2)
+        mean = torch.nn.functional.avg_pool2d(x, 8).repeat(1, 2, 1, 1)[:, :4] * self.scale
+        return mean + 0.1 * torch.randn(mean.shape)
+
+
+class _FakeCLIP:
+    """ComfyUI-like CLIP: tokenize → {"g": [[(id, weight), …]]}; encode_from_tokens → (cond, pooled)."""
+
+    def __init__(self, shift=0.0, token_extra=None):
+        self.shift, self.token_extra, self.calls = shift, token_extra, 0
+
+    def tokenize(self, text):
+        tokens = [(ord(c), 1.0) for c in text[:16]]
+        if self.token_extra is not None:
+            tokens.append(self.token_extra)
+        return {"g": [tokens]}
+
+    def encode_from_tokens(self, tokens, return_pooled=False):
+        self.calls += 1
+        ids = torch.tensor([float(t[0]) if isinstance(t[0], int) else 0.0 for t in tokens["g"][0]], dtype=torch.float32)
+        cond = (ids[:, None] / 100 + torch.arange(8) + self.shift)[None]
+        return cond, cond.mean(1)
+
+
+def _examples(n=3, seed=0):
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(seed)
+    return [SimpleNamespace(image=torch.rand(3, 32, 24 + 8 * i, generator=g), caption=f"caption {i % 2}",
+                            original_size=(40, 30 + 8 * i), crop_top_left=(4, 0), target_size=(32, 24 + 8 * i))
+            for i in range(n)]
+
+
+def _same_data(a, b):
+    return len(a) == len(b) and all(torch.equal(x["latents"], y["latents"]) and x["cond"].keys() == y["cond"].keys()
+                                    and all(torch.equal(x["cond"][k], y["cond"][k]) for k in x["cond"])
+                                    for x, y in zip(a, b))
+
+
+def test_second_encoding_of_the_same_data_comes_from_the_disk_cache(train_mod, tmp_path):
+    """cache_to_disk: the second run on the same images, captions, encoders and seed gives bit-identical training
+    data without encoding an image or caption (the encoders only see their fixed probe input); a changed image,
+    another seed, another VAE or CLIP (a LoRA patched in: other outputs) are encoded anew."""
+    from lora2_train.cache import EncodeCache
+
+    node, base, exs = train_mod.TrainLoRA2(), _FakeBase(), _examples()
+
+    def encode(vae, clip, examples=exs, seed=3, root=tmp_path / "cache"):
+        cache = EncodeCache(root)
+        data = node._encode(base, clip, vae, examples, seed=seed, cache=cache)
+        return data, cache
+
+    vae, clip = _FakeVAE(), _FakeCLIP()
+    first, c1 = encode(vae, clip)
+    assert (vae.calls, clip.calls) == (1 + 3, 1 + 2)  # probe + 3 images; probe + 2 distinct captions
+    assert c1.report() == "latents 0 from cache, 3 encoded; text 0 from cache, 2 encoded"
+    vae2, clip2 = _FakeVAE(), _FakeCLIP()
+    second, c2 = encode(vae2, clip2)
+    assert (vae2.calls, clip2.calls) == (1, 1)  # the probes only
+    assert c2.report() == "latents 3 from cache, 0 encoded; text 2 from cache, 0 encoded"
+    assert _same_data(first, second)
+    # the same as encoding without any cache
+    assert _same_data(first, node._encode(base, _FakeCLIP(), _FakeVAE(), exs, seed=3))
+
+    changed = _examples()
+    changed[1].image[0, 5, 5] += 1 / 255
+    _, c = encode(_FakeVAE(), _FakeCLIP(), examples=changed)
+    assert (c.hits["latents"], c.misses["latents"]) == (2, 1)
+    _, c = encode(_FakeVAE(), _FakeCLIP(), seed=4)
+    assert (c.hits.get("latents", 0), c.hits["text"]) == (0, 2)  # captions do not depend on the seed
+    _, c = encode(_FakeVAE(scale=1.001), _FakeCLIP(shift=0.5))
+    assert c.report() == "latents 0 from cache, 3 encoded; text 0 from cache, 2 encoded"
+
+
+def test_cache_keeps_two_copies_of_an_image_as_two_draws_and_skips_tokens_it_cannot_key(train_mod, tmp_path):
+    from lora2_train.cache import EncodeCache
+
+    node, ex = train_mod.TrainLoRA2(), _examples(1)[0]
+    data = node._encode(_FakeBase(), _FakeCLIP(), _FakeVAE(), [ex, ex], seed=1, cache=EncodeCache(tmp_path))
+    assert not torch.equal(data[0]["latents"], data[1]["latents"])
+    again = node._encode(_FakeBase(), _FakeCLIP(), _FakeVAE(), [ex, ex], seed=1, cache=EncodeCache(tmp_path))
+    assert _same_data(data, again)
+    # a token the key cannot hold (an object of some newer ComfyUI): encoded every time, never stored
+    odd = _FakeCLIP(token_extra=(object(), 1.0))
+    odd_data = node._encode(_FakeBase(), odd, _FakeVAE(), [ex], seed=1, cache=EncodeCache(tmp_path))
+    assert odd.calls == 2 and odd_data[0]["cond"]["context"].shape == (len("caption 0") + 1, 8)
+
+
+def test_cache_to_disk_is_an_input_and_its_report_ends_the_info_line(train_mod, tmp_path):
+    from types import SimpleNamespace
+
+    spec = train_mod.TrainLoRA2.INPUT_TYPES()["optional"]["cache_to_disk"]
+    assert spec[0] == "BOOLEAN" and spec[1]["default"] is True
+    run = SimpleNamespace(snapshots=[], memory=dict, cache_report="latents 2 from cache, 0 encoded")
+    ad = SimpleNamespace(modules={"a": 1}, num_parameters=lambda: 10)
+    line = train_mod._info_line(tmp_path / "x.safetensors", "x", ad, [], run)
+    assert line == "saved x.safetensors: 1 modules, 10 parameters; latents 2 from cache, 0 encoded"
