@@ -16,7 +16,7 @@ and each step recomputes the captions' conditioning through them with gradients
 (:class:`_TextConditioning`); their weights train at ``text_encoder_lr``.
 Samples every ``sample_every_n_steps`` steps: the prompt lines (sd-scripts'
 syntax, ``lora2_train.sample_prompts``) are encoded with the node's CLIP before
-training; the trainer's ``on_sample`` hook samples them with ComfyUI's own
+training (when the text encoders train: at each sampling, through them); the trainer's ``on_sample`` hook samples them with ComfyUI's own
 ``comfy.sample.sample`` on the MODEL being trained (its U-Net carries the LoRA²
 network) and decodes them with the node's VAE, without effect on training.
 
@@ -399,7 +399,8 @@ class TrainLoRA2:
             if cache.root is not None:
                 run.cache_report = cache.report()
                 logging.info("Train LoRA²: encoded data (%s): %s", cache.root, run.cache_report)
-        conds = _encode_prompts(clip, prompts)  # before training: the text encoders are unloaded next
+        # before training (the text encoders are unloaded next); when they train, the sampler encodes anew
+        conds = _encode_prompts(clip, prompts) if text_encoders is None else None
         with torch.inference_mode(False):  # copies usable by autograd
             data = [{"latents": d["latents"].clone(), "cond": {k: v.clone() for k, v in d["cond"].items()}}
                     for d in data]
@@ -418,7 +419,7 @@ class TrainLoRA2:
             text = _TextConditioning(clip, base, text_encoders, list(dict.fromkeys(ex.caption for ex in examples)))
         else:
             _load_for_training(model)
-        sampler = _Sampler(model, vae, prompts, conds, run, out.stem) if prompts else None
+        sampler = _Sampler(model, vae, prompts, conds, run, out.stem, text=text) if prompts else None
         with torch.inference_mode(False), torch.enable_grad():
             adapter, history = self._run_trainer(base, unet, data, config, out, device, resume_from, run, sampling,
                                                  text=text, sampler=sampler, sample_every=sample_every)
@@ -719,13 +720,20 @@ class _TextConditioning:
         self.tokens = [clip.tokenize(c) for c in captions]
 
     def _encode(self, i):
+        return self._encode_tokens(self.tokens[i])
+
+    def encode_text(self, text):
+        """(cond, pooled) of `text` through the encoders as they are now (with their LoRAs)."""
+        return self._encode_tokens(self.clip.tokenize(text))
+
+    def _encode_tokens(self, tokens):
         m = self.clip.cond_stage_model
         m.reset_clip_options()
         if getattr(self.clip, "layer_idx", None) is not None:
             m.set_clip_options({"layer": self.clip.layer_idx})
         # current ComfyUI runs the encoders on the patcher's device (older versions ignore the option)
         m.set_clip_options({"execution_device": self.clip.patcher.load_device})
-        out = m.encode_token_weights(self.tokens[i])
+        out = m.encode_token_weights(tokens)
         return out[0], out[1]
 
     def __call__(self, caption, size, device):
@@ -819,12 +827,20 @@ class _Sampler:
 
     SUBFOLDER = "lora2_samples"
 
-    def __init__(self, model, vae, prompts, conds, run, name):
+    def __init__(self, model, vae, prompts, conds, run, name, text=None):
         import uuid
 
         self.model, self.vae, self.prompts, self.conds, self.run = model, vae, prompts, conds, run
+        self.text = text  # text-encoder training: the prompts are encoded anew through the trained encoders
         self.name = f"{name}_{uuid.uuid4().hex[:8]}"
         self.images = []
+
+    def _conds(self):
+        """[(positive, negative)] per prompt: encoded before training, or, when the text encoders train, now
+        through them (their LoRAs as trained so far), so the samples show the whole adapter."""
+        if self.text is None:
+            return self.conds
+        return _encode_prompts(None, self.prompts, encode=self.text.encode_text)
 
     def __call__(self, step):
         import comfy.model_management as mm
@@ -833,7 +849,7 @@ class _Sampler:
         latent_channels = getattr(getattr(self.model.model, "latent_format", None), "latent_channels", 4)
         refs = []
         with _keep_loaded(self.model):
-            for i, (p, (positive, negative)) in enumerate(zip(self.prompts, self.conds)):
+            for i, (p, (positive, negative)) in enumerate(zip(self.prompts, self._conds())):
                 latent = _zeros(1, latent_channels, p.height // 8, p.width // 8)
                 noise = comfy.sample.prepare_noise(latent, p.seed)
                 try:
@@ -920,17 +936,21 @@ def _keep_loaded(model):
         mm.free_memory = original
 
 
-def _encode_prompts(clip, prompts):
-    """[(positive, negative)] CONDITIONING per prompt, encoded now (the text encoders are unloaded for
-    training), as autograd-usable CPU copies; the SDXL size conditioning is the prompt's size."""
+def _encode_prompts(clip, prompts, encode=None):
+    """[(positive, negative)] CONDITIONING per prompt, encoded now by the CLIP (or by `encode(text)` → (cond,
+    pooled)), as autograd-usable CPU copies; the SDXL size conditioning is the prompt's size."""
     import torch
+
+    if encode is None:
+        def encode(text):
+            return clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
 
     cache, out = {}, []
     for p in prompts:
         pair = []
         for text in (p.prompt, p.negative):
             if text not in cache:
-                cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+                cond, pooled = encode(text)
                 with torch.inference_mode(False):
                     cache[text] = (cond.detach().cpu().clone(), pooled.detach().cpu().clone())
             cond, pooled = cache[text]

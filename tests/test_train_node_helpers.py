@@ -504,3 +504,31 @@ def test_cache_to_disk_is_an_input_and_its_report_ends_the_info_line(train_mod, 
     ad = SimpleNamespace(modules={"a": 1}, num_parameters=lambda: 10)
     line = train_mod._info_line(tmp_path / "x.safetensors", "x", ad, [], run)
     assert line == "saved x.safetensors: 1 modules, 10 parameters; latents 2 from cache, 0 encoded"
+
+
+def test_samples_of_a_text_encoder_run_encode_their_prompts_through_the_trained_encoders(train_mod):
+    """Text-encoder targets: each sampling encodes the prompts anew through the encoders as trained so far (the
+    samples then show the text-encoder LoRA too); otherwise the conditioning encoded before training is used."""
+    from lora2_train.sample_prompts import parse_prompts
+
+    prompts = parse_prompts("a toy --n blurry\na cube --n blurry", width=64, height=64, steps=2, cfg=5.0, seed=0,
+                            sampler="euler")
+
+    class Text:  # _TextConditioning.encode_text: its output follows the encoders' LoRA (here: a counter)
+        calls = []
+
+        def encode_text(self, text):
+            self.calls.append(text)
+            v = float(len(self.calls))
+            return torch.full((1, 3, 4), v), torch.full((1, 2), v)
+
+    text = Text()
+    sampler = train_mod._Sampler(None, None, prompts, None, None, "x", text=text)
+    first, second = sampler._conds(), sampler._conds()
+    assert text.calls == ["a toy", "blurry", "a cube"] * 2  # every distinct text once per sampling
+    pos0, neg0 = first[0]
+    assert pos0[0][0].flatten()[0] == 1.0 and neg0[0][0].flatten()[0] == 2.0
+    assert second[0][0][0][0].flatten()[0] == 4.0  # encoded anew, not the first sampling's conditioning
+    assert pos0[0][1]["width"] == 64 and torch.equal(pos0[0][1]["pooled_output"], torch.full((1, 2), 1.0))
+    plain = train_mod._Sampler(None, None, prompts, "precomputed", None, "x")
+    assert plain._conds() == "precomputed"

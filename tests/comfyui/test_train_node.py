@@ -93,6 +93,11 @@ def test_embedded_training_of_the_text_encoders(comfyui_dir, tmp_path):
     assert f["cond_change"] > 1e-2 and f["pooled_change"] > 1e-3
     assert f["cond_vs_reference"] <= 1e-3 * f["cond_change"] and f["pooled_vs_reference"] <= 1e-3 * f["pooled_change"]
     assert f["info"].startswith("saved te.safetensors: 80 modules")
+    # samples at step 4 encode their prompt through the encoders as trained (the saved file's ΔW, up to its fp16
+    # rounding), not through the base CLIP
+    assert f["samples_shape"] == [1, 64, 64, 3] and f["sampled_encodings"] == 1
+    assert f["sample_cond_vs_base"] > 0.5 * f["cond_change"]
+    assert f["sample_cond_vs_reference"] <= 1e-2 * f["cond_change"], (f["sample_cond_vs_reference"], f["cond_change"])
     # latents + positive (conditioning encoded before the node) with text-encoder targets: one line, nothing written
     assert f["refusal"].startswith("target_modules: text-encoder targets recompute the captions' conditioning")
     assert "\n" not in f["refusal"] and f["refused_nothing_written"]

@@ -73,6 +73,10 @@ class TinyVAE:
         x = torch.nn.functional.avg_pool2d(pixels.permute(0, 3, 1, 2).float(), 8)
         return torch.cat([x, x.mean(1, keepdim=True)], 1) * 4 - 2
 
+    def decode(self, latent):  # (B, 4, h, w) → IMAGE (B, 8h, 8w, 3), for the samples
+        x = torch.nn.functional.interpolate(latent[:, :3].float(), scale_factor=8)
+        return torch.sigmoid(x).permute(0, 2, 3, 1)
+
 
 cpu = torch.device("cpu")
 torch.manual_seed(0)
@@ -141,6 +145,19 @@ def _recording(self):
 
 
 Trainer._make_optimizer = _recording
+# the samples' conditioning: what the trained encoders give for the prompt at each sampling
+sampled = []
+_encode_text = train_mod._TextConditioning.encode_text
+
+
+def _recording_text(self, text):
+    out = _encode_text(self, text)
+    if text == PROBE:
+        sampled.append((out[0].detach().float().clone(), out[1].detach().float().clone()))
+    return out
+
+
+train_mod._TextConditioning.encode_text = _recording_text
 # re-allocate every 2 steps (the node keeps the library's default of 10) so a 4-step run ends with learned ranks
 C.LoRA2Config = functools.partial(C.LoRA2Config, resize_every=2)
 node = train_mod.TrainLoRA2()
@@ -148,7 +165,8 @@ inputs = dict(model=patcher, clip=clip, vae=TinyVAE(), dataset_path="", instance
               learning_rate=1e-3, nu_learning_rate=2.0, r_init=8, r_max=16, r_target=4, q=0.9, lambda_r=0.0,
               lambda_e=0.0, seed=0, resolution=64, batch_size=2, target_modules="attn+te_attn", backend="embedded",
               output_name="te", text_encoder_lr=3e-3, aspect_buckets=False, gradient_checkpointing=True,
-              captions="|".join(CAPTIONS), unique_id="5")
+              captions="|".join(CAPTIONS), unique_id="5", sample_prompts=PROBE + " --w 64 --h 64 --s 1",
+              sample_every_n_steps=4)
 with torch.inference_mode():  # as ComfyUI executes nodes (INPUT_IS_LIST: every input a list)
     res = node.run(**{k: [v] for k, v in inputs.items() if k != "images"}, images=[images])
 saved_name = res["ui"]["lora2_saved"][0]
@@ -204,5 +222,8 @@ print(json.dumps({
     "cond_vs_reference": float((lora_cond - expect_cond).abs().max()),
     "pooled_vs_reference": float((lora_pooled - expect_pooled).abs().max()),
     "info": res["result"][4], "refusal": refusal,
+    "samples_shape": list(res["result"][5].shape), "sampled_encodings": len(sampled),
+    "sample_cond_vs_reference": float((sampled[-1][0] - expect_cond.float()).abs().max()) if sampled else None,
+    "sample_cond_vs_base": float((sampled[-1][0] - base_cond.float()).abs().max()) if sampled else None,
     "refused_nothing_written": not any(n.startswith("te_latents") for n in os.listdir(loras)),
 }))
