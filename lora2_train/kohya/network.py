@@ -61,6 +61,10 @@ NETWORK_ARGS = {
 #: keys sd-scripts or other networks' habits may pass that carry no meaning here when unset
 _IGNORED_WHEN_UNSET = ("dropout", "rank_dropout", "module_dropout")
 DEFAULT_R_INIT = 64
+#: the LoRA2Config fields an sd-scripts run decides through this network (--network_dim, --network_args, --seed)
+#: and the run facts it adds; the others (learning rate, optimizer, batch, schedule, …) are sd-scripts' own
+#: arguments, recorded in its ss_* metadata, so a file's lora2_config leaves them out
+_OWN_CONFIG = frozenset(NETWORK_ARGS) | {"r_init", "seed", "trainer", "network_module", "steps"}
 NETWORK_MODULE_NAME = "lora2_train.kohya.network"
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -348,7 +352,9 @@ class KohyaLoRA2Network(LoRA2Network):
 
         The file holds the components at their current allocation, exactly the adapter that gave
         the last loss (no re-allocation here: it would drop trained positions; the last one
-        happened at the last multiple of ``resize_every``).  sd-scripts' metadata is kept; the LoRA² keys (and
+        happened at the last multiple of ``resize_every``).  ``lora2_config`` holds the fields this network
+        decides (``_OWN_CONFIG``; the training settings are in sd-scripts' ``ss_*`` keys, not as the library's
+        defaults).  sd-scripts' metadata is kept; the LoRA² keys (and
         ``ss_network_module = networks.lora``, ``ss_network_dim`` = the largest rank) take
         precedence, because the file is a standard kohya LoRA with ragged ranks.  ``dtype``: a
         torch dtype or None (float32).  ``.safetensors`` files are written atomically; other
@@ -358,6 +364,8 @@ class KohyaLoRA2Network(LoRA2Network):
         extra = {"trainer": "sd-scripts", "network_module": NETWORK_MODULE_NAME, "steps": self.steps}
         adapter = adapter_from_network(self, self.config, meta.get("ss_base_model_version", "sdxl_base_v1-0"), extra)
         meta.update(adapter.metadata)
+        meta["lora2_config"] = json.dumps({k: v for k, v in json.loads(meta["lora2_config"]).items()
+                                           if k in _OWN_CONFIG})
         meta["lora2_network_module"] = NETWORK_MODULE_NAME
         dtype_name = _DTYPE_NAMES.get(dtype, "fp32") if not isinstance(dtype, str) else dtype
         meta["lora2_dtype"] = dtype_name
