@@ -76,14 +76,24 @@ def check_fits(est: MemoryEstimate, free_bytes: int, resident_bytes: int = 0, de
         f"only {(free_bytes + resident_bytes) / GIB:.1f} GiB are available; lower {lower}")
 
 
-def target_shapes(root, groups: Iterable[str]) -> list[tuple[int, int]]:
-    """``(in · k, out)`` of every module of `root` that :class:`lora2_train.network.LoRA2Network` would wrap for
-    the target `groups` (the U-Net groups, as the embedded trainer injects into the U-Net only)."""
+def target_shapes(root, groups: Iterable[str], text_encoders=()) -> list[tuple[int, int]]:
+    """``(in · k, out)`` of every module that :class:`lora2_train.network.LoRA2Network` would wrap for the target
+    `groups`: the U-Net groups in `root`, the text-encoder groups (``te_attn``, ``te_mlp``) in each of
+    `text_encoders` (none given: they count nothing)."""
+    from .network import TE_GROUPS, UNET_GROUPS
+
+    groups = list(groups)
+    shapes = _shapes(root, [g for g in groups if g in UNET_GROUPS])
+    for encoder in text_encoders:
+        shapes += _shapes(encoder, [g for g in groups if g in TE_GROUPS])
+    return shapes
+
+
+def _shapes(root, groups) -> list[tuple[int, int]]:
     import torch.nn as nn
 
-    from .network import UNET_GROUPS, target_pattern
+    from .network import target_pattern
 
-    groups = [g for g in groups if g in UNET_GROUPS]
     if not groups:
         return []
     pattern = target_pattern(groups)

@@ -1086,7 +1086,6 @@ def _check_memory(base, config, pixels, device, mem_get_info=None, text_encoders
     import torch
 
     from lora2_train import memory as M
-    from lora2_train.network import TE_GROUPS, target_pattern
 
     device = torch.device(device)
     if device.type != "cuda":
@@ -1100,13 +1099,7 @@ def _check_memory(base, config, pixels, device, mem_get_info=None, text_encoders
             if p.device.type == "cuda" and (device.index is None or p.device.index == device.index):
                 resident += size
     dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
-    shapes = M.target_shapes(unet, config.targets)
-    te_groups = [g for g in config.targets if g in TE_GROUPS]
-    if te_groups and text_encoders:
-        pattern = target_pattern(te_groups)
-        shapes += [(m.in_features, m.out_features) for root in text_encoders for path, m in root.named_modules()
-                   if isinstance(m, torch.nn.Linear) and pattern.search("." + path)]
-    params = M.lora_parameters(shapes, config.r_max, config.max_params)
+    params = M.lora_parameters(M.target_shapes(unet, config.targets, text_encoders), config.r_max, config.max_params)
     est = M.estimate(weights, params, pixels, config.batch_size, config.gradient_checkpointing, config.optimizer,
                      torch.empty((), dtype=dtype).element_size())
     free, _total = (mem_get_info or torch.cuda.mem_get_info)(device)

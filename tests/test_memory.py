@@ -60,3 +60,37 @@ def test_target_shapes_follow_the_networks_choice():
             layer.resize(layer.r_max)
         assert lora_parameters(shapes, 8) == net.num_parameters()
     assert target_shapes(unet, ("te_attn",)) == []
+
+
+def test_target_shapes_count_the_text_encoders_the_network_wraps():
+    from lora2_train.config import LoRA2Config
+    from lora2_train.models import SDXLUNet, koala_700m_config, reduced
+    from lora2_train.network import LoRA2Network
+
+    def encoder(width):  # CLIP-like: q/k/v/out projections and an MLP per layer
+        te = torch.nn.Module()
+        te.add_module("layers", torch.nn.ModuleList())
+        for _ in range(2):
+            layer = torch.nn.Module()
+            layer.add_module("self_attn", torch.nn.Module())
+            for p in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                layer.self_attn.add_module(p, torch.nn.Linear(width, width))
+            layer.add_module("mlp", torch.nn.Module())
+            layer.mlp.add_module("fc1", torch.nn.Linear(width, 4 * width))
+            layer.mlp.add_module("fc2", torch.nn.Linear(4 * width, width))
+            te.layers.append(layer)
+        return te
+
+    unet = SDXLUNet(reduced(koala_700m_config(), model_channels=16, context_dim=32, head_channels=8))
+    encoders = [encoder(16), encoder(24)]
+    for targets in ("attn1,attn2,te_attn", "attn1,attn2,te_attn,te_mlp"):
+        cfg = LoRA2Config(targets=targets, r_init=1, r_target=1, r_max=8, rank_block=1)
+        shapes = target_shapes(unet, cfg.targets, encoders)
+        net = LoRA2Network(cfg, unet, text_encoders=encoders)
+        try:
+            assert len(shapes) == len(net.layers) > len(target_shapes(unet, cfg.targets))
+            for layer in net.layers.values():
+                layer.resize(layer.r_max)
+            assert lora_parameters(shapes, 8) == net.num_parameters()
+        finally:
+            net.restore()
