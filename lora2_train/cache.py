@@ -81,8 +81,8 @@ def encoder_fingerprint(*outputs) -> str:
 
 
 class EncodeCache:
-    """Entries under `root` (None: nothing is read or written; every lookup misses).  Counts its hits and
-    misses per kind for the run's report."""
+    """Entries under `root` (None: nothing is read, written or counted; every lookup misses).  Counts its hits
+    and misses per kind for the run's report."""
 
     def __init__(self, root: str | os.PathLike | None):
         self.root = Path(root) if root else None
@@ -100,11 +100,10 @@ class EncodeCache:
     def get(self, kind: str, key: str) -> dict[str, torch.Tensor] | None:
         """The tensors stored under `key`, or None (no entry, cache off, or an entry that cannot be read or
         belongs to another key)."""
-        tensors = None
-        if self.root is not None:
-            path = self.path(kind, key)
-            if path.is_file():
-                tensors = self._read(path, key)
+        if self.root is None:  # no cache: nothing looked up, nothing counted
+            return None
+        path = self.path(kind, key)
+        tensors = self._read(path, key) if path.is_file() else None
         bucket = self.hits if tensors is not None else self.misses
         bucket[kind] = bucket.get(kind, 0) + 1
         return tensors

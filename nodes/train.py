@@ -450,34 +450,27 @@ class TrainLoRA2:
             content = digest("pixels", pixels)
             n = copies[content] = copies.get(content, -1) + 1
             key = digest("latent", vae_key, content, int(seed), n)
-            hit = cache.get("latents", key) if vae_key is not None else None
+            hit = cache.get("latents", key)  # (no cache: always None; put writes nothing)
             if hit is not None:
                 raw = hit["latent"]
             else:
                 with _seeded(int(digest("vae-seed", int(seed), content, n)[:15], 16)):
                     raw = vae.encode(pixels).float().cpu()
-                if vae_key is not None:
-                    cache.put("latents", key, {"latent": raw})
+                cache.put("latents", key, {"latent": raw})
             latents.append(base.process_latent_in(raw).float()[0])
         if captions_only:
             captions: dict[str, int] = {}
-            data = []
-            for ex, lat in zip(examples, latents):
-                (oh, ow), (top, left), (th, tw) = ex.original_size, ex.crop_top_left, ex.target_size
-                data.append({"latents": lat, "cond": {
-                    "caption": torch.tensor(captions.setdefault(ex.caption, len(captions))),
-                    "size": torch.tensor([oh, ow, top, left, th, tw])}})
-            return data
+            return [{"latents": lat, "cond": {"caption": torch.tensor(captions.setdefault(ex.caption, len(captions))),
+                                              "size": torch.tensor(_size_of(ex))}}
+                    for ex, lat in zip(examples, latents)]
         clip_key = _clip_fingerprint(clip) if cache.root is not None else None
         texts = {}
         for caption in dict.fromkeys(ex.caption for ex in examples):
             tokens = clip.tokenize(caption)
-            key = None
-            if clip_key is not None:
-                try:
-                    key = digest("text", clip_key, tokens)
-                except TypeError:  # tokens of a kind the key cannot hold: encoded, not kept
-                    key = None
+            try:
+                key = digest("text", clip_key, tokens)
+            except TypeError:  # tokens of a kind the key cannot hold: encoded, not kept
+                key = None
             hit = cache.get("text", key) if key is not None else None
             if hit is None:
                 cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
@@ -485,14 +478,9 @@ class TrainLoRA2:
                 if key is not None:
                     cache.put("text", key, hit)
             texts[caption] = (hit["cond"], hit["pooled"])
-        data = []
-        for ex, lat in zip(examples, latents):
-            context, pooled = texts[ex.caption]
-            (oh, ow), (top, left), (th, tw) = ex.original_size, ex.crop_top_left, ex.target_size
-            y = base.encode_adm(pooled_output=pooled, width=ow, height=oh, crop_w=left, crop_h=top,
-                                target_width=tw, target_height=th, device=pooled.device)
-            data.append({"latents": lat, "cond": {"context": context, "y": y[0].float().cpu()}})
-        return data
+        return [{"latents": lat, "cond": {"context": texts[ex.caption][0],
+                                          "y": _adm(base, texts[ex.caption][1], _size_of(ex)).float().cpu()}}
+                for ex, lat in zip(examples, latents)]
 
     def _run_trainer(self, base, unet, data, config, out, device, resume_from, run, sampling=None, text=None,
                      sampler=None, sample_every=0):
@@ -689,6 +677,20 @@ class _UNetCall:
         self._patched.clear()
 
 
+def _size_of(ex) -> tuple:
+    """SDXL's size conditioning of an example: (original height, width, crop top, left, target height, width)."""
+    (oh, ow), (top, left), (th, tw) = ex.original_size, ex.crop_top_left, ex.target_size
+    return oh, ow, top, left, th, tw
+
+
+def _adm(base, pooled, size):
+    """The ADM vector y of one example: the model's own ``encode_adm`` of its pooled text embedding (1, C) and
+    its :func:`_size_of` tuple."""
+    oh, ow, top, left, th, tw = size
+    return base.encode_adm(pooled_output=pooled, width=ow, height=oh, crop_w=left, crop_h=top, target_width=tw,
+                           target_height=th, device=pooled.device)[0]
+
+
 def _trains_text_encoders(config) -> bool:
     from lora2_train.network import TE_GROUPS
 
@@ -743,12 +745,10 @@ class _TextConditioning:
         ids = [int(i) for i in caption.tolist()]
         encoded = {i: self._encode(i) for i in dict.fromkeys(ids)}  # each caption of the batch once
         contexts, ys = [], []
-        for i, (oh, ow, top, left, th, tw) in zip(ids, size.tolist()):
+        for i, hw in zip(ids, size.tolist()):
             cond, pooled = encoded[i]
-            y = self.base.encode_adm(pooled_output=pooled, width=ow, height=oh, crop_w=left, crop_h=top,
-                                     target_width=tw, target_height=th, device=pooled.device)
             contexts.append(cond[0].to(device))
-            ys.append(y[0].to(device))
+            ys.append(_adm(self.base, pooled, hw).to(device))
         return torch.stack(contexts), torch.stack(ys)
 
 

@@ -54,7 +54,7 @@ def test_no_root_reads_and_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cache = EncodeCache(None)
     cache.put("latents", "ab" * 32, {"latent": torch.zeros(1)})
-    assert cache.get("latents", "ab" * 32) is None and not cache.enabled
+    assert cache.get("latents", "ab" * 32) is None and not cache.enabled and cache.report() == ""
     assert list(tmp_path.iterdir()) == []
 
 
