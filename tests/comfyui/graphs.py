@@ -37,3 +37,12 @@ def train_node(ckpt_loader, dataset_path, name, steps=2, **over):
               "target_modules": "attn", "backend": "embedded", "output_name": name}
     inputs.update(over)
     return {"class_type": "LoRA2Train", "inputs": inputs}
+
+
+def rank_chart(train_id: str, chart_id: str, prefix: str = "chart") -> dict:
+    """Visualize LoRA² Ranks on a Train LoRA² node's adapter and rank history (node `chart_id`), saved by a
+    SaveImage node (id `chart_id` + 1)."""
+    save_id = str(int(chart_id) + 1)
+    return {chart_id: {"class_type": "LoRA2VisualizeRanks",
+                       "inputs": {"lora_name": "(none)", "adapter": [train_id, 2], "history": [train_id, 3]}},
+            save_id: {"class_type": "SaveImage", "inputs": {"images": [chart_id, 0], "filename_prefix": prefix}}}

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import comfyui_harness as H
-from graphs import train_node
+from graphs import rank_chart, train_node
 from lora2_train import rank as R
 from lora2_train.format import load_adapter
 from lora2_train.plot import block_of
@@ -56,6 +56,14 @@ def sample_nodes(model, clip, vae, prefix, size=128):
     }
 
 
+def _assert_same_adapter(path_a, path_b):
+    """The two adapter files hold the same modules at the same ranks, bit for bit."""
+    a, b = load_adapter(path_a), load_adapter(path_b)
+    assert a.ranks() == b.ranks()
+    for k, m in a.modules.items():
+        assert torch.equal(m.down, b.modules[k].down) and torch.equal(m.up, b.modules[k].up), k
+
+
 def expected_keys(checkpoint) -> set:
     """kohya names of every attention projection of the checkpoint's UNet (ldm layout)."""
     from safetensors import safe_open
@@ -75,10 +83,7 @@ def expected_keys(checkpoint) -> set:
 def test_train_chart_then_load_with_budget_and_sample(comfyui_alive, koala_checkpoint, dataset, loras):
     server, (folder, name) = comfyui_alive, loras
     g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": koala_checkpoint.name}},
-         "20": train_node("1", dataset, name),
-         "30": {"class_type": "LoRA2VisualizeRanks",
-                "inputs": {"lora_name": "(none)", "adapter": ["20", 2], "history": ["20", 3]}},
-         "31": {"class_type": "SaveImage", "inputs": {"images": ["30", 0], "filename_prefix": "chart"}}}
+         "20": train_node("1", dataset, name), **rank_chart("20", "30")}
     with H.Messages(server) as ws:
         entry = server.run(g, timeout=900)
         time.sleep(0.5)
@@ -168,10 +173,7 @@ def test_embedded_samples_while_training_leave_the_adapter_unchanged(comfyui_ali
         assert shown.shape == (64, 64, 3)
     assert not any("samples" in m for m in ws.progress("20"))
 
-    plain, sampled = load_adapter(folder / f"{name}_plain.safetensors"), load_adapter(folder / f"{name}_sampled.safetensors")
-    assert plain.ranks() == sampled.ranks()
-    for k, m in plain.modules.items():
-        assert torch.equal(m.down, sampled.modules[k].down) and torch.equal(m.up, sampled.modules[k].up), k
+    _assert_same_adapter(folder / f"{name}_plain.safetensors", folder / f"{name}_sampled.safetensors")
 
 
 def test_cancel_keeps_a_resumable_checkpoint(comfyui_alive, koala_checkpoint, dataset, loras):
@@ -245,10 +247,7 @@ def test_second_run_on_the_same_images_reads_latents_and_captions_from_the_disk_
         first.endswith("; latents 0 from cache, 2 encoded; text 1 from cache, 1 encoded"), first  # instance prompt
     second = train("b")
     assert second.endswith("; latents 2 from cache, 0 encoded; text 2 from cache, 0 encoded"), second
-    a, b = load_adapter(folder / f"{name}_a.safetensors"), load_adapter(folder / f"{name}_b.safetensors")
-    assert a.ranks() == b.ranks()
-    for k, m in a.modules.items():
-        assert torch.equal(m.down, b.modules[k].down) and torch.equal(m.up, b.modules[k].up), k
+    _assert_same_adapter(folder / f"{name}_a.safetensors", folder / f"{name}_b.safetensors")
     entries = list((server.dirs["output"] / "lora2_cache").rglob("*.safetensors"))
     assert {p.parent.parent.name for p in entries} == {"latents", "text"}
 
@@ -385,10 +384,7 @@ def test_train_from_comfyui_03_dataset_loader(comfyui_alive, koala_checkpoint, i
          "2": {"class_type": "LoadImageTextSetFromFolderNode",
                "inputs": {"folder": sub, "clip": ["1", 1], "resize_method": "Stretch", "width": 128, "height": 128}},
          "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 2]}},
-         "10": train_node("1", "", name, latents=["3", 0], positive=["2", 1]),
-         "20": {"class_type": "LoRA2VisualizeRanks",
-                "inputs": {"lora_name": "(none)", "adapter": ["10", 2], "history": ["10", 3]}},
-         "21": {"class_type": "SaveImage", "inputs": {"images": ["20", 0], "filename_prefix": "chart"}}}
+         "10": train_node("1", "", name, latents=["3", 0], positive=["2", 1]), **rank_chart("10", "20")}
     with H.Messages(server) as ws:
         entry = server.run(g, timeout=900)
         time.sleep(0.5)
