@@ -40,11 +40,16 @@ class FixedLoRA(nn.Module):
 
 
 class FixedLoRANetwork(nn.Module):
-    """Fixed-rank LoRA on the paper's attention targets, keyed like LoRA² (kohya names)."""
+    """Fixed-rank LoRA on the paper's attention targets, keyed like LoRA² (kohya names).
 
-    def __init__(self, unet: nn.Module, rank: int, alpha: float | None = None):
+    `rank`: one rank for every target, or a rank per kohya key (0 or absent: that module gets no LoRA,
+    the oracle arm of the planted benchmark)."""
+
+    def __init__(self, unet: nn.Module, rank, alpha: float | None = None):
         super().__init__()
-        self.layers = nn.ModuleDict({k: FixedLoRA(m, rank, alpha) for k, m in target_modules(unet).items()})
+        ranks = rank if isinstance(rank, dict) else {k: rank for k in target_modules(unet)}
+        self.layers = nn.ModuleDict({k: FixedLoRA(m, ranks[k], alpha) for k, m in target_modules(unet).items()
+                                     if ranks.get(k, 0) > 0})
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

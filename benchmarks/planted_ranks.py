@@ -42,6 +42,7 @@ if a student with room for every plant does not put its change where the plants 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import statistics
@@ -54,16 +55,17 @@ from _common import FixedLoRANetwork, print_result, threads_note
 
 from lora2_train.config import LoRA2Config
 from lora2_train.network import LoRA2Network
-from lora2_train.objective import DDPMSchedule, mse_loss
+from lora2_train.objective import DDPMSchedule, lora2_loss, mse_loss
 from lora2_train.planted import build_planted_task, rank_metrics
 
 FULL = dict(layout="parallel", batch=8, steps=300, seeds=(0, 1, 2), levels=(1, 2, 4, 8, 16, 32, 64),
             ranks=(4, 8, 16, 32, 64), lrs=(1e-3, 2e-3, 4e-3))
 QUICK = dict(layout="parallel", batch=8, steps=60, seeds=(0,), levels=(2, 8, 32), ranks=(4, 32), lrs=(2e-3,))
-#: LoRA² hyperparameters (README, "Planted ranks"), the same as the demo's; the learning rate comes from the sweep
-LORA2 = dict(r_init=16, r_target=1, r_max=128, rank_block=1, nu_lr=0.05, lambda_r=0.03, beta=3333.0, resize_every=10)
 #: rsLoRA α of the fixed-rank baselines: ΔW = (α/√r)·B·A
 FIXED_ALPHA = 4.0
+#: the LoRA2Config fields the benchmark's loop uses (recorded in the JSON; the lr is the sweep's)
+METHOD_FIELDS = ("q", "r_init", "r_target", "r_max", "r_min", "rank_block", "resize_every", "lambda_r", "lambda_e", "beta",
+                 "scale", "targets", "nu_lr", "optimizer")
 SPLIT_SEEDS = {"train": 101, "val": 202, "test": 303}
 
 
@@ -102,23 +104,31 @@ def build_task(opts, seed: int) -> Task:
     return Task(unet, plan, train, val, test, evaluate(unet, val), evaluate(unet, test))
 
 
-def train_arm(task: Task, arm, lr: float, opts, seed: int) -> dict:
-    """One student: LoRA² ('lora2', 'noreg') or fixed rank r (int), the same loop for all."""
+def lora2_config(arm, lr: float, seed: int, **overrides) -> LoRA2Config:
+    """The LoRA² arm's settings: the shipped defaults, the sweep's learning rate, the seed (and λ_r = 0 for the
+    no-L_reg ablation)."""
+    return LoRA2Config(lr=lr, seed=seed, **({"lambda_r": 0.0} if arm == "noreg" else {}), **overrides)
+
+
+def train_arm(task: Task, arm, lr: float, opts, seed: int, **overrides) -> dict:
+    """One student: LoRA² ('lora2', 'noreg'), fixed rank r (int) or the oracle (fixed ranks = the planted ones),
+    the same loop, data and Adam for all; every arm minimises the plain MSE, LoRA² adds λ_r·L_reg through the
+    library's objective (:func:`lora2_train.objective.lora2_loss`)."""
     torch.manual_seed(seed)
-    if isinstance(arm, int):
-        net = FixedLoRANetwork(task.unet, arm, alpha=FIXED_ALPHA)
+    if isinstance(arm, int) or arm == "oracle":
+        ranks = arm if isinstance(arm, int) else oracle_ranks(task.plan)
+        net = FixedLoRANetwork(task.unet, ranks, alpha=FIXED_ALPHA)
         opt = torch.optim.Adam(net.parameters(), lr=lr, foreach=True)
         cfg = None
     else:
-        cfg = LoRA2Config(**{**LORA2, "lr": lr, "seed": seed, **({"lambda_r": 0.0} if arm == "noreg" else {})})
+        cfg = lora2_config(arm, lr, seed, **overrides)
         net = LoRA2Network(cfg, task.unet).apply_to()
         opt = torch.optim.Adam(net.param_groups(), foreach=True)
     try:
         for step, (x, t, c, y) in enumerate(task.train):
-            loss = mse_loss(task.unet(x, t, **c), y) / task.base_val
-            if cfg is not None and cfg.lambda_r > 0:
-                rank_term, weight_term = net.reg_loss()
-                loss = loss + cfg.lambda_r * (rank_term + cfg.beta * weight_term)
+            loss = mse_loss(task.unet(x, t, **c), y)
+            if cfg is not None:
+                loss = lora2_loss(loss, net, cfg)[0]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -133,6 +143,11 @@ def train_arm(task: Task, arm, lr: float, opts, seed: int) -> dict:
         return res
     finally:
         net.restore()
+
+
+def oracle_ranks(plan: dict) -> dict:
+    """The oracle's per-module ranks: exactly the planted ones (rank-0 modules get no LoRA)."""
+    return {k: int(r) for k, r in plan.items() if r > 0}
 
 
 @torch.no_grad()
@@ -194,6 +209,7 @@ def summarize(opts, seed, runs: dict, noreg: dict, seconds: float, log) -> dict:
     task = _task(opts, seed)
     lora2 = pick(task, runs["lora2"], "lora2", log)
     fixed = {r: pick(task, runs[r], r, log) for r in opts["ranks"]}
+    oracle = pick(task, runs["oracle"], "oracle", log)
     rel = lambda v: round(v / task.base_test, 4)
     equal = fixed_params_at_mse(fixed, lora2["test"])
     out = {
@@ -206,6 +222,10 @@ def summarize(opts, seed, runs: dict, noreg: dict, seconds: float, log) -> dict:
         "fixed": {str(r): {"params": v["params"], "test": rel(v["test"]), "lr": v["lr"], "val_by_lr": v["val_by_lr"]}
                   for r, v in fixed.items()},
         "params_ratio_at_equal_mse": round(equal / lora2["params"], 3) if equal else None,
+        # the physical limit of the task: fixed per-module ranks equal to the planted ones, tuned like every arm
+        "oracle": {"params": oracle["params"], "test": rel(oracle["test"]), "lr": oracle["lr"]},
+        "params_ratio_vs_oracle": round(lora2["params"] / oracle["params"], 3),
+        "test_ratio_vs_oracle": round(lora2["test"] / oracle["test"], 3),
         # no fixed rank of the run as accurate as LoRA²: the ratio is at least the largest one's size over LoRA²'s
         "params_ratio_lower_bound": (round(max(v["params"] for v in fixed.values()) / lora2["params"], 3)
                                      if equal is None and all(v["test"] > lora2["test"] for v in fixed.values())
@@ -255,7 +275,7 @@ def _run_jobs(jobs, workers):
 def run_all(opts, workers: int, threads: int, log) -> list:
     """Every arm of every seed at every learning rate, spread over `workers` processes (longest first, sorted by
     seed so each worker mostly keeps one task built), then the no-L_reg ablation at LoRA²'s selected rate."""
-    arms = ["lora2", *sorted(opts["ranks"], reverse=True)]
+    arms = ["lora2", "oracle", *sorted(opts["ranks"], reverse=True)]
     jobs = [(opts, s, a, lr, threads) for s in opts["seeds"] for a in arms for lr in opts["lrs"]]
     done = _run_jobs(jobs, workers)
     runs = {s: {a: [] for a in arms} for s in opts["seeds"]}
@@ -324,6 +344,12 @@ def main(argv=None):
         # the smallest size ratio any seed supports: its ratio, or its lower bound where no fixed rank matches
         "params_ratio_at_least": _at_least(per_seed),
         "lora2_dominated": any(s["dominated_by"] for s in per_seed),
+        "params_ratio_vs_oracle": mean("params_ratio_vs_oracle"),
+        "test_ratio_vs_oracle": mean("test_ratio_vs_oracle"),
+        "level_ratio_range": [round(min(level_means[v] / int(v) for v in levels), 3),
+                              round(max(level_means[v] / int(v) for v in levels), 3)],
+        # the LoRA² arm's settings: LoRA2Config() (the shipped defaults) with the sweep's learning rate
+        "lora2_config": {k: v for k, v in dataclasses.asdict(lora2_config("lora2", 1.0, 0)).items() if k in METHOD_FIELDS},
         "identifiability_spearman_norm": mean_of(per_seed, "spearman_norm"),
         "identifiability_planted_energy_share": mean_of(per_seed, "planted_energy_share"),
         "per_seed": per_seed,

@@ -26,7 +26,7 @@ from _common import FixedLoRANetwork, print_result, threads_note
 from lora2_train.config import LoRA2Config
 from lora2_train.models import SDXLUNet, reduced, sdxl_config
 from lora2_train.network import LoRA2Network
-from lora2_train.objective import DDPMSchedule, mse_loss
+from lora2_train.objective import DDPMSchedule, lora2_loss, mse_loss
 
 
 def ragged_ranks(keys, r_max, seed=0, mean=None):
@@ -97,8 +97,7 @@ def train_step(unet, net, opt, schedule, x0, cond, g, amp_dtype=None, cfg: LoRA2
     with torch.autocast(x0.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         loss = mse_loss(unet(xt.to(dtype), t, **{k: v.to(dtype) for k, v in cond.items()}), noise)
     if cfg is not None:
-        rt, wt = net.reg_loss()
-        loss = loss + cfg.lambda_r * (rt + cfg.beta * wt)
+        loss = lora2_loss(loss, net, cfg)[0]
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -36,8 +36,10 @@ class LoRA2Config:
     ``rank_block`` ranks are allocated in multiples of this; ``resize_every``
     steps between two re-allocations.
 
-    Loss (spec §3): L = L_MSE + lambda_r·L_reg + lambda_e·L_entropy with
-    L_reg = mean|ν−ν_target| + beta·mean(‖A‖²+‖B‖²)/numel.
+    Loss (spec §3, README "Scale-free L_reg"): L = L_MSE + lambda_r·L_reg + lambda_e·L_entropy with
+    L_reg = sg(L_MSE)·(mean|ln ν − ln ν_aim| + beta·mean(‖A‖²+‖B‖²)/numel), ν_aim the middle of
+    r_target's interval of D(ν) (:func:`lora2_train.rank.nu_aim`).  The defaults are the ones every
+    entry point (library, CLI, node, sd-scripts network_args), the demo and the benchmarks use.
 
     Optimisation: ``optimizer`` (one of :data:`lora2_train.optim.OPTIMIZERS`) with
     ``lr`` for LoRA weights and ``nu_lr`` for the rank parameters ρ (ν = ν_min +
@@ -59,19 +61,19 @@ class LoRA2Config:
     """
 
     q: float = 0.9
-    r_init: int = 64
-    r_target: int = 64
+    r_init: int = 16
+    r_target: int = 1
     r_max: int = 512
     r_min: int = 1
-    rank_block: int = 4
+    rank_block: int = 1
     resize_every: int = 10
-    lambda_r: float = 1.0
+    lambda_r: float = 0.1
     lambda_e: float = 0.0
-    beta: float = 1e-2
+    beta: float = 5e3
     scale: float = 1.0
     targets: tuple = TARGET_PRESETS["attn"]
-    lr: float = 5e-5
-    nu_lr: float = 1e-2
+    lr: float = 1e-4
+    nu_lr: float = 5e-2
     weight_decay: float = 0.0
     optimizer: str = "adam"
     steps: int = 500

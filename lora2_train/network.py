@@ -46,7 +46,10 @@ class LoRA2Network(nn.Module):
         super().__init__()
         self.config = config
         self.layers = nn.ModuleDict()
-        self.nu_target = R.nu_target(config.r_target, config.q)
+        self.nu_aim = R.nu_aim(config.r_target, config.q)
+        # L_ref of the objective (sum and count of the first data losses, objective.loss_reference)
+        self.register_buffer("loss_ref", torch.zeros(2), persistent=True)
+        self._register_load_state_dict_pre_hook(_keep_loss_ref)
         self._roots: list[nn.Module] = []
         self._hooks: list = []
         if unet is not None:
@@ -224,9 +227,17 @@ class LoRA2Network(nn.Module):
 
     # ---- regularizer -------------------------------------------------------------------------
     def reg_loss(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """L_reg parts (spec §3): (mean_ℓ |ν_ℓ − ν_target|,  mean_ℓ (‖A_ℓ‖² + ‖B_ℓ‖²)/numel_ℓ)."""
+        """L_reg parts (spec §3, README "Scale-free L_reg"):
+
+            rank term    mean_ℓ |ln ν_ℓ − ln ν_aim|   (ν_aim: the middle of r_target's interval of D(ν))
+            weight term  mean_ℓ (‖A_ℓ‖² + ‖B_ℓ‖²) / numel_ℓ
+
+        The rank term is measured in log-rank: its pull on ν is a fixed share per octave of rank, the
+        same whether r_target is 1 or 512.  The weight term is a per-element mean, so one β means the
+        same at every width.  :func:`lora2_train.objective.lora2_loss` multiplies both by the detached
+        data loss, which makes λ_r and β independent of the loss's scale."""
         layers = list(self.layers.values())
-        rank_term = (self.nu_vector() - self.nu_target).abs().mean()
+        rank_term = (self.nu_vector().log() - math.log(self.nu_aim)).abs().mean()
         params = [p for l in layers for p in (l.lora_down, l.lora_up)]
         sq = torch.stack(torch._foreach_norm(params)).square().view(-1, 2).sum(1)
         numel = torch.tensor([l.lora_down.numel() + l.lora_up.numel() for l in layers], dtype=sq.dtype,
@@ -242,6 +253,11 @@ class LoRA2Network(nn.Module):
         for k, layer in self.layers.items():
             layer.resize(state[f"layers.{k}.lora_down"].shape[0])
         self.load_state_dict(state, strict=True)
+
+
+def _keep_loss_ref(state_dict, prefix, *rest) -> None:
+    """A state saved before L_ref was kept has no ``loss_ref``: it is measured again from the next steps."""
+    state_dict.setdefault(f"{prefix}loss_ref", torch.zeros(2))
 
 
 def _path_translator(root: nn.Module):

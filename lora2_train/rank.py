@@ -45,6 +45,19 @@ def nu_target(r_target: float, q: float) -> float:
     return quantile_mass(q) / r_target
 
 
+def nu_aim(r_target: float, q: float) -> float:
+    """The rate L_reg's rank term pulls ν toward: −ln(1 − q) / (r_target − ½).
+
+    ν_target(r) = −ln(1−q)/r is the lower edge of the interval of rates with D(ν) = r (D = ceil(−ln(1−q)/ν)),
+    so a component held there by the pull would flip between ranks r and r + 1 with the noise of every
+    step; aiming at the middle of that interval (continuous rank r − ½) settles it at r.  Our choice
+    (README, "Scale-free L_reg"); D(nu_aim(r)) == r for every r ≥ 1.
+    """
+    if r_target < 1:
+        raise ValueError(f"r_target must be at least 1, got {r_target!r}")
+    return quantile_mass(q) / (r_target - 0.5)
+
+
 def nu_floor(r_max: int, q: float) -> float:
     """Smallest admissible rate ν_min = −ln(1 − q) / r_max: D(ν) never exceeds r_max."""
     return nu_target(r_max, q)

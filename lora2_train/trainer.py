@@ -49,7 +49,7 @@ from .config import LoRA2Config
 from .format import atomic_write_bytes
 from .network import LoRA2Network
 from .lr_schedule import lr_multiplier
-from .objective import CrossAttentionEntropy, DDPMSchedule, diffusion_loss, min_snr_weights
+from .objective import CrossAttentionEntropy, DDPMSchedule, diffusion_loss, lora2_loss, min_snr_weights
 from .optim import build_optimizer
 
 CHECKPOINT_FORMAT = "lora2-checkpoint"
@@ -293,10 +293,7 @@ class Trainer:
         if c.min_snr_gamma > 0:
             weights = min_snr_weights(self.schedule.snr(t), c.min_snr_gamma, c.prediction_type)
         mse = diffusion_loss(pred, target, c.loss_type, c.huber_c, weights)
-        rank_term, weight_term = self.network.reg_loss()
-        reg = rank_term + c.beta * weight_term
-        ent = self.entropy.loss() if self.entropy is not None else torch.zeros(())
-        total = mse + c.lambda_r * reg + c.lambda_e * ent.to(mse.device)
+        total, reg, ent = lora2_loss(mse, self.network, c, self.entropy.loss() if self.entropy is not None else None)
         return total, mse, reg, ent
 
     def _optimizer_step(self):

@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 
 from tests_helpers import unet_inputs
-from lora2_train.config import ConfigError
+from lora2_train.config import ConfigError, LoRA2Config
 from lora2_train.format import AdapterFormatError, load_adapter
 from lora2_train.kohya import network as kn
 from lora2_train.models import SDXLUNet, reduced, sdxl_config
@@ -48,7 +48,8 @@ def test_create_network_keys_ranks_and_config(tiny_sdxl, encoders):
         assert "lora_te2_text_model_encoder_layers_1_self_attn_out_proj" in keys
         assert set(net.ranks().values()) == {8}
         c = net.config
-        assert (c.r_init, c.r_target, c.r_max, c.q, c.nu_lr) == (8, 8, 32, 0.8, 0.05)
+        # --network_dim is r_init; everything not given keeps LoRA2Config's defaults (r_target among them)
+        assert (c.r_init, c.r_target, c.r_max, c.q, c.nu_lr) == (8, LoRA2Config.r_target, 32, 0.8, 0.05)
     finally:
         net.close()
 
@@ -476,7 +477,8 @@ def test_trainer_extension_adds_reg_and_entropy_and_prints_progress(tmp_path, sm
         total_f, mse, reg, ent = trainer._last
         assert mse == pytest.approx(_TrainerBase().process_batch(*call).item(), rel=1e-5)
         r, w = net.reg_loss()
-        assert reg == pytest.approx((r + net.config.beta * w).item(), rel=1e-5)
+        # L_reg = L_ref·(rank term + β·weight term), L_ref = the first data loss (one training batch so far)
+        assert reg == pytest.approx(mse * (r + net.config.beta * w).item(), rel=1e-5)
         assert ent > 0 and total_f == pytest.approx(mse + 2 * reg + 0.1 * ent, rel=1e-5)
         # validation batches get sd-scripts' loss alone
         assert trainer.process_batch(*call[:-2], None, None, is_train=False).item() == pytest.approx(mse, rel=1e-5)

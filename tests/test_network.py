@@ -1,3 +1,4 @@
+import math
 import re
 
 import pytest
@@ -120,8 +121,9 @@ def test_param_groups_and_reg_loss(tiny_koala):
     assert groups[0]["lr"] == 1e-4 and groups[1]["lr"] == 5e-2 and groups[1]["weight_decay"] == 0.0
     assert len(groups[1]["params"]) == len(net.layers)
     rank_term, weight_term = net.reg_loss()
-    # every ν starts at ν_target(r_init=4); |ν − ν_target(8)| = ln10·(1/4 − 1/8)
-    assert float(rank_term.detach()) == pytest.approx(2.302585 * (1 / 4 - 1 / 8), rel=1e-4)
+    # every ν starts at ν_target(r_init=4) = ln10/4; the rank term aims at ν_aim(8) = ln10/7.5 (the middle of
+    # rank 8's interval), in log-rank: |ln(ln10/4) − ln(ln10/7.5)| = ln(7.5/4)
+    assert float(rank_term.detach()) == pytest.approx(math.log(7.5 / 4), rel=1e-4)
     assert float(weight_term.detach()) > 0
     rank_term.backward()
     assert all(l.rho.grad is not None for l in net.layers.values())

@@ -547,13 +547,14 @@ def add_train_parser(sub) -> None:
     t.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="default 1 (or the preset's)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--r-init", dest="r_init", type=int, default=LoRA2Config.r_init)
-    t.add_argument("--r-target", dest="r_target", type=int, default=None, help="default: r_init")
+    t.add_argument("--r-target", dest="r_target", type=int, default=LoRA2Config.r_target,
+                   help="rank that components the data does not need settle at")
     t.add_argument("--r-max", dest="r_max", type=int, default=LoRA2Config.r_max)
     t.add_argument("--q", type=float, default=LoRA2Config.q)
     t.add_argument("--lambda-r", dest="lambda_r", type=float, default=LoRA2Config.lambda_r)
     t.add_argument("--lambda-e", dest="lambda_e", type=float, default=LoRA2Config.lambda_e)
     t.add_argument("--beta", type=float, default=LoRA2Config.beta)
-    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--lr", type=float, default=LoRA2Config.lr)
     t.add_argument("--nu-lr", dest="nu_lr", type=float, default=LoRA2Config.nu_lr)
     t.add_argument("--resize-every", dest="resize_every", type=int, default=LoRA2Config.resize_every)
     t.add_argument("--targets", default="attn", help="preset (attn, attn+ff, attn+ff+proj, all) or comma list")
@@ -617,7 +618,7 @@ def cmd_train(args) -> int:
             setattr(args, name, p.get(name, default))
     for name in ("gradient_checkpointing", "fp8_base", "full_bf16"):
         setattr(args, name, getattr(args, name) or p.get(name, False))
-    config = LoRA2Config(r_init=args.r_init, r_target=args.r_target or args.r_init, r_max=args.r_max, q=args.q,
+    config = LoRA2Config(r_init=args.r_init, r_target=args.r_target, r_max=args.r_max, q=args.q,
                          lambda_r=args.lambda_r, lambda_e=args.lambda_e, beta=args.beta, lr=args.lr,
                          nu_lr=args.nu_lr, resize_every=args.resize_every, targets=args.targets,
                          optimizer=args.optimizer, steps=args.steps, batch_size=args.batch_size, seed=args.seed,

@@ -60,7 +60,6 @@ NETWORK_ARGS = {
 }
 #: keys sd-scripts or other networks' habits may pass that carry no meaning here when unset
 _IGNORED_WHEN_UNSET = ("dropout", "rank_dropout", "module_dropout")
-DEFAULT_R_INIT = 64
 #: the LoRA2Config fields an sd-scripts run decides through this network (--network_dim, --network_args, --seed)
 #: and the run facts it adds; the others (learning rate, optimizer, batch, schedule, …) are sd-scripts' own
 #: arguments, recorded in its ss_* metadata, so a file's lora2_config leaves them out
@@ -93,19 +92,19 @@ def parse_network_args(kwargs: dict) -> dict:
 
 
 def make_config(network_dim, network_args: dict, base: dict | None = None) -> LoRA2Config:
-    """LoRA2Config from sd-scripts' ``--network_dim`` (r_init) and ``--network_args``.
+    """LoRA2Config from sd-scripts' ``--network_dim`` (r_init) and ``--network_args``; every other field
+    keeps LoRA2Config's default (the defaults of every entry point).
 
     ``base``: fields read from a file's ``lora2_config`` (resume); network_args override them.
     """
     fields = dict(base or {})
     if network_dim not in (None, "", 0):
         fields["r_init"] = int(network_dim)
-    fields.setdefault("r_init", DEFAULT_R_INIT)
+    fields.setdefault("r_init", LoRA2Config.r_init)
     # sd-scripts seeds torch with --seed before it builds the network, on every process alike
     fields.setdefault("seed", torch.initial_seed() % 2 ** 31)
     fields.update(parse_network_args(network_args))
-    fields.setdefault("r_target", fields["r_init"])
-    fields.setdefault("r_max", max(LoRA2Config.r_max, fields["r_init"], fields["r_target"]))
+    fields.setdefault("r_max", max(LoRA2Config.r_max, fields["r_init"], fields.get("r_target", LoRA2Config.r_target)))
     return LoRA2Config(**fields)
 
 
@@ -564,7 +563,7 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
     small = LoRA2Config(**{**config.to_dict(), "r_init": config.r_min, "r_target": config.r_target})
     net = KohyaLoRA2Network(small, unet, text_encoder, multiplier)
     net.config = config
-    net.nu_target = R.nu_target(config.r_target, config.q)
+    net.nu_aim = R.nu_aim(config.r_target, config.q)
     absent = sorted(k for k in adapter.modules if k not in net.layers)
     if absent:
         raise AdapterFormatError(f"{where}: module {absent[0]!r} has no counterpart in this model "

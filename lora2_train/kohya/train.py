@@ -38,7 +38,7 @@ import time
 from ..config import ConfigError
 from ..distributed import ProcessesDiverged, any_true
 from ..format import AdapterFormatError
-from ..objective import CrossAttentionEntropy
+from ..objective import CrossAttentionEntropy, lora2_loss
 from ..optim import check_sd_scripts_optimizer, sd_scripts_optimizer_type
 from . import network as kn
 from .launch import ERROR_PREFIX, PROGRESS_PREFIX, SAVED_PREFIX, STATE_PREFIX, SdScriptsError, check_sd_scripts
@@ -134,11 +134,8 @@ def make_trainer_class(base):
             loss = super().process_batch(*a, **kw)
             if not p["is_train"]:
                 return loss
-            c = net.config
-            rank_term, weight_term = net.reg_loss()
-            reg = (rank_term + c.beta * weight_term).to(loss.device, loss.dtype)
-            ent = self._entropy.loss().to(loss.device, loss.dtype) if self._entropy is not None else loss.new_zeros(())
-            total = loss + c.lambda_r * reg + c.lambda_e * ent
+            total, reg, ent = lora2_loss(loss, net, net.config,
+                                         self._entropy.loss() if self._entropy is not None else None)
             self._last = (float(total.detach()), float(loss.detach()), float(reg.detach()), float(ent.detach()))
             return total
 
