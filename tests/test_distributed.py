@@ -34,9 +34,10 @@ def _init(rank, size, store):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
 
 
-def _kohya_worker(rank, size, store, out, unet, diverge_at):
+def _kohya_worker(rank, size, store, out, unet, diverge_at, what="rho"):
     """sd-scripts' arrangement in miniature: own data per process, gradients averaged (all-reduce,
-    mean) before each optimizer step; re-allocation every 2 steps from the optimizer's post-step hook."""
+    mean) before each optimizer step; re-allocation every 2 steps from the optimizer's post-step hook.
+    Process 1 changes one ρ (`what` = "rho") or its row seed ("seed") before optimizer step `diverge_at`."""
     _init(rank, size, store)
     torch.manual_seed(3)  # sd-scripts seeds every process alike before it builds the network
     net = kn.create_network(1.0, 8, 1, None, None, unet, r_max="16", r_target="8", lambda_r="0", nu_lr="3.0",
@@ -53,7 +54,9 @@ def _kohya_worker(rank, size, store, out, unet, diverge_at):
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad /= size
-            if rank == 1 and step == diverge_at:
+            if rank == 1 and step == diverge_at and what == "seed":
+                net.set_seed(net.config.seed + 1)
+            elif rank == 1 and step == diverge_at:
                 with torch.no_grad():
                     next(iter(net.layers.values())).rho.add_(0.5)
             opt.step()
@@ -90,6 +93,17 @@ def test_a_diverged_process_stops_every_process_with_one_line(tmp_path, unet):
     assert len(msg.splitlines()) == 1
     assert msg.startswith("LoRA² re-allocation at step 4: the 2 processes disagree: ")
     assert "the ν checksums differ" in msg and "not averaged across processes" in msg
+
+
+def test_processes_with_different_row_seeds_stop_before_drawing_rows(tmp_path, unet):
+    """Process 1 takes another row seed after the first step (where the processes agree on one): caught at the
+    first re-allocation (step 2), before any row is drawn from it, with the seeds named."""
+    r0, r1 = run_forked(_kohya_worker, tmp_path, 2, unet, 2, "seed")
+    assert r0["error"] == r1["error"]
+    msg = r0["error"]
+    assert msg.startswith("LoRA² re-allocation at step 2: the 2 processes disagree: the row seeds of A of 168 "
+                          "components differ (first: lora_unet_")
+    assert "checksums" not in msg and msg.endswith("; each process's network was built with its own seed")
 
 
 def _trainer_setup(steps):
@@ -202,24 +216,28 @@ def _fake_network_trainer():
     return mod.NetworkTrainer
 
 
-def _seed_worker(rank, size, store, out, unet, seed, max_params):
+def _seed_worker(rank, size, store, out, unet, seed, max_params, late=False):
     """sd-scripts' arrangement: ``set_seed(args.seed)`` on every process (without ``--seed`` each process draws
     its own), the network created, prepared, applied, its optimizer built, the network wrapped in
     DistributedDataParallel; each step the trainer extension's loss on this process's own data and aspect
     bucket (latent size), gradients averaged (mean), the optimizer step, re-allocation from its post-step hook.
-    After every re-allocation each process saves its parameters and optimizer state (rank<i>-step<N>.pt)."""
+    After every re-allocation each process saves its parameters and optimizer state (rank<i>-step<N>.pt).
+    `late`: the network is built before the process joins the group (so on its own seed)."""
     from argparse import Namespace
 
     from torch.nn.parallel import DistributedDataParallel
 
     from lora2_train.kohya.train import make_trainer_class
 
-    _init(rank, size, store)
+    if not late:
+        _init(rank, size, store)
     process_seed = seed if seed is not None else [2_718_281_828, 3_141_592_653][rank]
     args = Namespace(seed=process_seed, optimizer_type="AdamW", use_8bit_adam=False, max_train_steps=SEED_STEPS)
     torch.manual_seed(process_seed)
     net = kn.create_network(1.0, 8, 1, None, None, unet, neuron_dropout=None, max_params=str(max_params),
                             **SEED_NETWORK_ARGS)
+    if late:
+        _init(rank, size, store)
     result = {}
     try:
         net.prepare_network(args)
@@ -288,14 +306,16 @@ def _compare_reallocations(tmp_path):
     return rows
 
 
-@pytest.mark.parametrize("seed, max_params", [(None, 0), (None, 120_000), (1234, 120_000)],
-                         ids=["no-seed", "no-seed-max-params", "seed"])
-def test_processes_seeded_alike_or_not_reallocate_identically(tmp_path, unet, seed, max_params):
+@pytest.mark.parametrize("seed, max_params, late", [(None, 0, False), (None, 120_000, False), (1234, 120_000, False),
+                                                    (None, 0, True)],
+                         ids=["no-seed", "no-seed-max-params", "seed", "no-seed-group-joined-late"])
+def test_processes_seeded_alike_or_not_reallocate_identically(tmp_path, unet, seed, max_params, late):
     """Without --seed sd-scripts seeds each process differently; the rows of A every process draws when a
-    component grows must still be the same (process 0's seed, agreed on when the network is created), and
-    so must ν, the allocation under max_params and the optimizer state, whatever each process's data and
-    aspect bucket: after every re-allocation both processes hold identical parameters and optimizer state."""
-    r0, r1 = run_forked(_seed_worker, tmp_path, 2, unet, seed, max_params)
+    component grows must still be the same (process 0's seed, agreed on when the network is created, or at
+    its first step when the process group came later), and so must ν, the allocation under max_params and
+    the optimizer state, whatever each process's data and aspect bucket: after every re-allocation both
+    processes hold identical parameters and optimizer state."""
+    r0, r1 = run_forked(_seed_worker, tmp_path, 2, unet, seed, max_params, late)
     rows = _compare_reallocations(tmp_path)
     print("step, grown, shrunk, max |Δ|, tensors differing, compared, parameters, cut, seeds 0, seeds 1:", *rows,
           sep="\n  ")
