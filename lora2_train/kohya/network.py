@@ -16,6 +16,13 @@ Arguments:
                       targets (a preset of ``config.TARGET_PRESETS`` such as ``attn`` or
                       ``attn+ff``, or a comma list of groups).
 
+The rows of A a component grows are drawn from a generator seeded by the run's seed, the component's name
+and the position (:func:`lora2_train.layer.row_seed`); the run's seed is the one sd-scripts seeds torch
+with (``--seed``).  Without ``--seed`` sd-scripts seeds every process with its own random draw, so the
+network takes process 0's on every process (when it is built, and again at its first optimizer step); it
+is recorded in a saved file's ``lora2_config`` and in the network's state, and ``--network_weights`` /
+``--resume`` bring it back, so rows grown after a resume are those of an uninterrupted run.
+
 sd-scripts builds its optimizer once, so re-allocation keeps the Parameter
 objects and swaps their data and the optimizer's state in place
 (:meth:`AdaptiveLoRA.resize` with ``in_place=True``), every ``resize_every``
