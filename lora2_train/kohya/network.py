@@ -343,7 +343,8 @@ class KohyaLoRA2Network(LoRA2Network):
         """Count the step; every ``resize_every`` steps re-allocate at D(ν) in place; tell listeners.
 
         In a multi-process run every process checks first that all of them are about to allocate the
-        same ranks and hold the same ν and weights (:func:`distributed.check_in_sync`, one all-reduce)."""
+        same ranks from the same row seeds and hold the same ν and weights (:func:`distributed.check_in_sync`,
+        one all-reduce)."""
         self.steps += 1
         if self.rank_optimizer is not None:
             self._step_rank_optimizer()
