@@ -445,6 +445,8 @@ class KohyaLoRA2Network(LoRA2Network):
         nus = _json_meta(adapter.metadata, "lora2_nu", where)
         seed = _file_seed(adapter.metadata, where)
         if seed is not None:
+            if seed != self.seed:
+                logger.info("LoRA²: row seed %d from %s replaces %d", seed, where, self.seed)
             self.set_seed(seed)
         unexpected = sorted(k for k in adapter.modules if k not in self.layers)
         missing = sorted(k for k in self.layers if k not in adapter.modules)
