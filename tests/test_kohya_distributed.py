@@ -162,3 +162,22 @@ def test_two_processes_without_seed_grow_the_same_rows(tmp_path, monkeypatch, in
     assert r0["ranks"] == r1["ranks"] and r0["nus"] == r1["nus"]
     assert r0["weights"] == r1["weights"] and r0["weight_norms"] == r1["weight_norms"]
     assert json.loads(load_adapter(path).metadata["lora2_config"])["seed"] == r0["network_seed"]
+
+
+def test_a_run_without_seed_resumes_with_its_seed(tmp_path, monkeypatch, inputs):
+    """No --seed, stopped and resumed: the processes of the resumed run draw new seeds of their own, but the
+    network's row seed comes back from the saved state, the one the stopped run recorded in its file."""
+    monkeypatch.setenv("FAKE_SD_STEP_SLEEP", "0.3")
+    first = []
+    with pytest.raises(launch.TrainingCancelled) as info:
+        train(tmp_path, monkeypatch, inputs, "cut", report="cut", seed=None, save_state=True,
+              should_stop=lambda: len(first) >= 3, callback=first.append)
+    seed = json.loads(load_adapter(info.value.path).metadata["lora2_config"])["seed"]
+    monkeypatch.setenv("FAKE_SD_STEP_SLEEP", "0")
+    path, events, (r0, r1) = train(tmp_path, monkeypatch, inputs, "cut", report="end", seed=None,
+                                   resume_from=info.value.state)
+    assert r0["seed"] % 2 ** 31 != seed and r1["seed"] % 2 ** 31 != seed  # the resumed processes' own draws
+    assert r0["network_seed"] == r1["network_seed"] == seed
+    assert any(new > old for e in events for old, new in e.resized.values())  # rows grown after the resume
+    assert r0["ranks"] == r1["ranks"] and r0["weights"] == r1["weights"]
+    assert json.loads(load_adapter(path).metadata["lora2_config"])["seed"] == seed
