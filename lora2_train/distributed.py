@@ -6,10 +6,12 @@ and sees different data.  The copies stay equal because the gradients of every
 parameter (ρ included, so ν too) are averaged across processes before each
 optimizer step, and because the rows of A a component grows are drawn from a
 generator seeded by (run seed, component name, position) (:func:`layer.row_seed`),
-never from the process's own RNG.  :func:`check_in_sync` verifies this at every
-re-allocation with one small all-reduce: the ranks each process is about to
-allocate must be equal everywhere, and the checksums of ν and of the LoRA
-weights must agree.  A disagreement stops the run with one line
+never from the process's own RNG.  The run seed itself must be one for all
+processes: sd-scripts without ``--seed`` seeds every process differently, so the
+network takes process 0's (:func:`from_main_process`).  :func:`check_in_sync`
+verifies all this at every re-allocation with one small all-reduce: the ranks each
+process is about to allocate and the row seeds of every component must be equal
+everywhere, and the checksums of ν and of the LoRA weights must agree.  A disagreement stops the run with one line
 (:class:`ProcessesDiverged`) instead of letting shapes drift apart, which would
 end in a hang or a crash inside the next gradient all-reduce.
 """
@@ -129,6 +131,18 @@ def all_true(flag: bool) -> bool:
     return bool(t.item() > 0.5)
 
 
+def from_main_process(value: int) -> int:
+    """Process 0's integer `value` on every process (a broadcast); `value` itself in a single process."""
+    rank, size = world()
+    if size == 1:
+        return int(value)
+    import torch.distributed as dist
+
+    t = torch.tensor([int(value)], dtype=torch.int64, device=_collective_device())
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
 def any_true(flag: bool) -> bool:
     """True when `flag` is true on some process (a MAX all-reduce)."""
     return not all_true(not flag)
@@ -136,17 +150,20 @@ def any_true(flag: bool) -> bool:
 
 @torch.no_grad()
 def digest(network, ranks: dict[str, int]) -> torch.Tensor:
-    """[rank of every component in layer order…, Σ ν, Σ_ℓ (ΣA_ℓ + ΣB_ℓ)] in float64."""
+    """[rank of every component in layer order…, row seed of every component…, Σ ν, Σ_ℓ (ΣA_ℓ + ΣB_ℓ)] in
+    float64 (the seeds are below 2⁵³, so exact)."""
     nu = network.nu_vector().detach().double()
     weights = network.weight_parameters()
     wsum = torch.stack([p.detach().double().sum() for p in weights]).sum() if weights else nu.new_zeros(())
     r = torch.tensor([float(ranks[k]) for k in network.layers], dtype=torch.float64)
-    return torch.cat([r, nu.sum().reshape(1).cpu(), wsum.reshape(1).cpu()])
+    seeds = torch.tensor([float(layer.seed) for layer in network.layers.values()], dtype=torch.float64)
+    return torch.cat([r, seeds, nu.sum().reshape(1).cpu(), wsum.reshape(1).cpu()])
 
 
 def check_in_sync(network, step: int, ranks: dict[str, int]) -> None:
     """Raise :class:`ProcessesDiverged` (on every process) unless all processes are about to allocate
-    the same `ranks` and hold the same ν and weights (checksums).  No-op in a single process."""
+    the same `ranks`, draw new rows of A from the same seeds and hold the same ν and weights (checksums).
+    No-op in a single process."""
     rank, size = world()
     if size == 1:
         return
@@ -158,18 +175,21 @@ def check_in_sync(network, step: int, ranks: dict[str, int]) -> None:
     both = both.cpu()
     hi, lo = both[:d.numel()], -both[d.numel():]
     n = len(network.layers)
-    bad = (hi[:n] != lo[:n]).nonzero().flatten().tolist()
-    problems = []
-    if bad:
-        keys = list(network.layers)
-        first = keys[bad[0]]
-        problems.append(f"the ranks of {len(bad)} components differ (first: {first}, "
-                        f"{int(lo[bad[0]])} vs {int(hi[bad[0]])})")
-    for i, what in ((n, "ν"), (n + 1, "weight")):
+    keys = list(network.layers)
+    problems, cause = [], ("the network's gradients are not averaged across processes "
+                           "(or a process changed it on its own)")
+    for start, what in ((0, "ranks"), (n, "row seeds of A")):
+        bad = (hi[start:start + n] != lo[start:start + n]).nonzero().flatten().tolist()
+        if bad:
+            i = start + bad[0]
+            problems.append(f"the {what} of {len(bad)} components differ (first: {keys[bad[0]]}, "
+                            f"{int(lo[i])} vs {int(hi[i])})")
+            if start:  # the weights then differ too: the rows grown so far were drawn apart
+                cause = "each process's network was built with its own seed"
+    for i, what in ((2 * n, "ν"), (2 * n + 1, "weight")):
         scale = max(abs(float(hi[i])), abs(float(lo[i])), 1e-12)
         if float(hi[i] - lo[i]) > CHECKSUM_RTOL * scale:
             problems.append(f"the {what} checksums differ ({float(lo[i]):.9g} vs {float(hi[i]):.9g})")
     if problems:
         raise ProcessesDiverged(
-            f"LoRA² re-allocation at step {step}: the {size} processes disagree: {'; '.join(problems)}; "
-            f"the network's gradients are not averaged across processes (or a process changed it on its own)")
+            f"LoRA² re-allocation at step {step}: the {size} processes disagree: {'; '.join(problems)}; {cause}")

@@ -37,7 +37,7 @@ def inputs(tmp_path, monkeypatch):
     return ckpt, data
 
 
-def train(tmp_path, monkeypatch, inputs, name, steps=8, report="report", **kw):
+def train(tmp_path, monkeypatch, inputs, name, steps=8, report="report", seed=3, **kw):
     folder = tmp_path / report
     folder.mkdir(exist_ok=True)
     monkeypatch.setenv("FAKE_SD_REPORT_DIR", str(folder))
@@ -49,7 +49,7 @@ def train(tmp_path, monkeypatch, inputs, name, steps=8, report="report", **kw):
     deadline = time.monotonic() + DEADLINE_S
     kw.setdefault("should_stop", lambda: time.monotonic() > deadline)
     path = launch.train_sd_scripts(FAKE, inputs[0], inputs[1], tmp_path / "out", name, LoRA2Config(**CONFIG),
-                                   steps, 64, 1, 3, python=sys.executable, cpu=True,
+                                   steps, 64, 1, seed, python=sys.executable, cpu=True,
                                    poll_seconds=0.05, **kw)
     reports = [json.loads(p.read_text()) for p in sorted(folder.glob("rank*.json"))]
     return path, events, reports
@@ -148,3 +148,36 @@ def test_cancel_saves_state_and_resume_continues_the_run(tmp_path, monkeypatch, 
     assert resumed["ranks"] == ref["ranks"] and len(set(ref["ranks"].values())) > 1
     assert resumed["nus"] == ref["nus"] and resumed["weights"] == ref["weights"]  # bit for bit
     assert path.name == "cut.safetensors" and load_adapter(path).ranks() == ref["ranks"]
+
+
+def test_two_processes_without_seed_grow_the_same_rows(tmp_path, monkeypatch, inputs):
+    """No --seed: sd-scripts (and the stand-in) seed each process with its own random draw; the network takes
+    process 0's seed for the rows of A, so after components grew and shrank both hold the same network, and the
+    file records that seed."""
+    path, events, (r0, r1) = train(tmp_path, monkeypatch, inputs, "noseed", seed=None)
+    assert r0["seed"] != r1["seed"]  # each process seeded on its own
+    assert r0["network_seed"] == r1["network_seed"] == r0["seed"] % 2 ** 31
+    resized = [v for e in events for v in e.resized.values()]
+    assert any(new > old for old, new in resized) and any(new < old for old, new in resized)
+    assert r0["ranks"] == r1["ranks"] and r0["nus"] == r1["nus"]
+    assert r0["weights"] == r1["weights"] and r0["weight_norms"] == r1["weight_norms"]
+    assert json.loads(load_adapter(path).metadata["lora2_config"])["seed"] == r0["network_seed"]
+
+
+def test_a_run_without_seed_resumes_with_its_seed(tmp_path, monkeypatch, inputs):
+    """No --seed, stopped and resumed: the processes of the resumed run draw new seeds of their own, but the
+    network's row seed comes back from the saved state, the one the stopped run recorded in its file."""
+    monkeypatch.setenv("FAKE_SD_STEP_SLEEP", "0.3")
+    first = []
+    with pytest.raises(launch.TrainingCancelled) as info:
+        train(tmp_path, monkeypatch, inputs, "cut", report="cut", seed=None, save_state=True,
+              should_stop=lambda: len(first) >= 3, callback=first.append)
+    seed = json.loads(load_adapter(info.value.path).metadata["lora2_config"])["seed"]
+    monkeypatch.setenv("FAKE_SD_STEP_SLEEP", "0")
+    path, events, (r0, r1) = train(tmp_path, monkeypatch, inputs, "cut", report="end", seed=None,
+                                   resume_from=info.value.state)
+    assert r0["seed"] % 2 ** 31 != seed and r1["seed"] % 2 ** 31 != seed  # the resumed processes' own draws
+    assert r0["network_seed"] == r1["network_seed"] == seed
+    assert any(new > old for e in events for old, new in e.resized.values())  # rows grown after the resume
+    assert r0["ranks"] == r1["ranks"] and r0["weights"] == r1["weights"]
+    assert json.loads(load_adapter(path).metadata["lora2_config"])["seed"] == seed

@@ -652,3 +652,79 @@ def test_stop_request_and_end_of_a_resumed_run_save_at_the_start_of_a_step(tmp_p
         assert (tmp_path / "x.safetensors").is_file() and acc.saved[-1] == str(tmp_path / "x-state")
     finally:
         net.close()
+
+
+def _run(net, unet, steps, start=0, resumed_from=None):
+    """`net` trained from optimizer step `start` to `steps` (data from the step number); with
+    `resumed_from` = (network state, optimizer state) loaded first, as sd-scripts' --resume does."""
+    net.apply_to(None, unet)
+    groups, _ = net.prepare_optimizer_params(None, 1e-2, 1e-2)
+    opt = torch.optim.AdamW(groups, lr=1e-2)
+    if resumed_from is not None:
+        _Wrapped(net).load_state_dict(resumed_from[0])
+        opt.load_state_dict(resumed_from[1])
+    grown = []
+    net.step_listeners.append(lambda step, resized: grown.extend(k for k, (o, n) in resized.items() if n > o))
+    for step in range(start, steps):
+        opt.zero_grad()
+        loss_of(unet, net, seed=step).backward()
+        opt.step()
+    return opt, grown
+
+
+SEED_ARGS = dict(dim=8, r_max=16, resize_every=2, rank_block=1, nu_lr=3.0)
+
+
+def test_row_seed_comes_back_with_the_state_and_the_file(tmp_path, small_unet):
+    """The rows of A grown after --resume are those of the uninterrupted run, and a file continues its run's
+    seed (--network_weights, --dim_from_weights), whatever seed this process was given."""
+    torch.manual_seed(11)  # sd-scripts: set_seed(args.seed) before the network is built
+    ref = make(small_unet, [], **SEED_ARGS)
+    try:
+        assert ref.config.seed == 11 and {layer.seed for layer in ref.layers.values()} == {11}
+        _, grown_ref = _run(ref, small_unet, 6)
+        expected = {k: p.detach().clone() for k, p in ref.state_dict().items()}
+    finally:
+        ref.close()
+    torch.manual_seed(11)
+    cut = make(small_unet, [], **SEED_ARGS)
+    try:
+        opt, _ = _run(cut, small_unet, 3)
+        state = {k: v.clone() for k, v in _Wrapped(cut).state_dict().items()}
+        opt_state = opt.state_dict()
+        path = tmp_path / "cut.safetensors"
+        cut.save_weights(str(path), torch.float32, {})
+        assert json.loads(load_adapter(path).metadata["lora2_config"])["seed"] == 11
+    finally:
+        cut.close()
+
+    torch.manual_seed(99)  # the resumed process, seeded otherwise (sd-scripts without --seed)
+    resumed = make(small_unet, [], **SEED_ARGS)
+    try:
+        assert resumed.config.seed == 99
+        _, grown = _run(resumed, small_unet, 6, start=3, resumed_from=(state, opt_state))
+        assert grown and set(grown) <= set(grown_ref)  # components grew after the resume
+        got = resumed.state_dict()
+        assert got.keys() == expected.keys()
+        differ = [k for k in expected if not torch.equal(got[k], expected[k])]
+        assert not differ, f"{len(differ)} of {len(expected)} tensors differ from the uninterrupted run's"
+        assert int(state["module.lora2_seed"]) == 11
+        assert resumed.config.seed == 11 and {layer.seed for layer in resumed.layers.values()} == {11}
+        # state saved before the seed was kept still loads (the seed left as is)
+        resumed.load_state_dict({k: v for k, v in got.items() if k != "lora2_seed"})
+        assert resumed.config.seed == 11
+    finally:
+        resumed.close()
+
+    torch.manual_seed(99)
+    fresh = make(small_unet, [], **SEED_ARGS)
+    try:
+        fresh.load_weights(str(path))
+        assert fresh.config.seed == int(fresh.lora2_seed) == 11 and {l.seed for l in fresh.layers.values()} == {11}
+    finally:
+        fresh.close()
+    back, _ = kn.create_network_from_weights(1.0, str(path), None, [], small_unet)
+    try:
+        assert back.config.seed == int(back.lora2_seed) == 11 and {l.seed for l in back.layers.values()} == {11}
+    finally:
+        back.close()

@@ -16,6 +16,13 @@ Arguments:
                       targets (a preset of ``config.TARGET_PRESETS`` such as ``attn`` or
                       ``attn+ff``, or a comma list of groups).
 
+The rows of A a component grows are drawn from a generator seeded by the run's seed, the component's name
+and the position (:func:`lora2_train.layer.row_seed`); the run's seed is the one sd-scripts seeds torch
+with (``--seed``).  Without ``--seed`` sd-scripts seeds every process with its own random draw, so the
+network takes process 0's on every process (when it is built, and again at its first optimizer step); it
+is recorded in a saved file's ``lora2_config`` and in the network's state, and ``--network_weights`` /
+``--resume`` bring it back, so rows grown after a resume are those of an uninterrupted run.
+
 sd-scripts builds its optimizer once, so re-allocation keeps the Parameter
 objects and swaps their data and the optimizer's state in place
 (:meth:`AdaptiveLoRA.resize` with ``in_place=True``), every ``resize_every``
@@ -29,6 +36,7 @@ added by the trainer extension :mod:`lora2_train.kohya.train`; with plain
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -42,7 +50,7 @@ import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import rank as R
-from ..distributed import check_in_sync
+from ..distributed import check_in_sync, from_main_process
 from ..config import TARGET_GROUPS, ConfigError, LoRA2Config
 from ..format import (Adapter, AdapterFormatError, LoRAModule, adapter_from_network, adapter_state_dict,
                       atomic_write_bytes, load_adapter, save_adapter)
@@ -101,7 +109,8 @@ def make_config(network_dim, network_args: dict, base: dict | None = None) -> Lo
     if network_dim not in (None, "", 0):
         fields["r_init"] = int(network_dim)
     fields.setdefault("r_init", LoRA2Config.r_init)
-    # sd-scripts seeds torch with --seed before it builds the network, on every process alike
+    # sd-scripts seeds torch with --seed before it builds the network; without --seed each process draws its
+    # own, so the network agrees on process 0's when it is built (KohyaLoRA2Network)
     fields.setdefault("seed", torch.initial_seed() % 2 ** 31)
     fields.update(parse_network_args(network_args))
     fields.setdefault("r_max", max(LoRA2Config.r_max, fields["r_init"], fields.get("r_target", LoRA2Config.r_target)))
@@ -117,13 +126,23 @@ def _text_encoders(text_encoder) -> list[nn.Module]:
 
 
 class KohyaLoRA2Network(LoRA2Network):
-    """LoRA2Network with the sd-scripts network contract (see module docstring)."""
+    """LoRA2Network with the sd-scripts network contract (see module docstring).
 
-    def __init__(self, config: LoRA2Config, unet: nn.Module | None, text_encoders=(), multiplier: float = 1.0):
+    The seed of the rows of A (``config.seed``, :func:`lora2_train.layer.row_seed`) is one for all processes
+    of a multi-process run: with ``sync_seed`` (the default) the network takes process 0's when it is built
+    (sd-scripts has joined the process group by then) and again when it attaches to its optimizer, so
+    sd-scripts without ``--seed``, which seeds every process differently, grows the same rows everywhere.
+    The seed is kept in the network's state (buffer ``lora2_seed``: ``--save_state`` / ``--resume``) and in
+    a saved file's ``lora2_config``, and loading either restores it."""
+
+    def __init__(self, config: LoRA2Config, unet: nn.Module | None, text_encoders=(), multiplier: float = 1.0,
+                 sync_seed: bool = True):
         tes = _text_encoders(text_encoders)
         if any(g in TE_GROUPS for g in config.targets) and len(tes) == 1:
             raise ConfigError("network_args: targets with te_attn/te_mlp need SDXL's two text encoders "
                               "(keys lora_te1_/lora_te2_); this model has one")
+        if sync_seed:
+            config = dataclasses.replace(config, seed=from_main_process(config.seed))
         super().__init__(config, unet, tes)
         self.multiplier = float(multiplier)
         self.set_multiplier(multiplier)
@@ -132,6 +151,9 @@ class KohyaLoRA2Network(LoRA2Network):
         # the optimizer step count, saved with the network's state (sd-scripts --save_state / --resume), so a
         # resumed run re-allocates at the same steps as an uninterrupted one
         self.register_buffer("lora2_steps", torch.zeros((), dtype=torch.int64), persistent=True)
+        # the row seed of A, saved with the network's state: rows grown after a resume are those of an
+        # uninterrupted run
+        self.register_buffer("lora2_seed", torch.tensor(int(config.seed), dtype=torch.int64), persistent=True)
         #: the run's last optimizer step (sd-scripts' max_train_steps): no re-allocation after it
         self.final_step: int | None = None
         #: called as fn(step, resized) after every optimizer step (resized: {key: (old, new)})
@@ -186,6 +208,28 @@ class KohyaLoRA2Network(LoRA2Network):
     def set_multiplier(self, multiplier) -> None:
         self.multiplier = float(multiplier)
         super().set_multiplier(multiplier)
+
+    # ---- the row seed of A ---------------------------------------------------------------------
+    @property
+    def seed(self) -> int:
+        return int(self.config.seed)
+
+    def set_seed(self, seed: int) -> None:
+        """Draw the rows of A grown from now on from `seed` (every component; recorded in saved files)."""
+        seed = int(seed)
+        if seed != self.config.seed:
+            self.config = dataclasses.replace(self.config, seed=seed)
+        for layer in self.layers.values():
+            layer.seed = seed
+        self.lora2_seed.fill_(seed)
+
+    def agree_seed(self) -> int:
+        """Take process 0's seed on every process (one broadcast; nothing in a single process)."""
+        seed = from_main_process(self.seed)
+        if seed != self.seed:
+            logger.info("LoRA²: row seed %d of process 0 replaces this process's %d", seed, self.seed)
+        self.set_seed(seed)
+        return seed
 
     def set_enabled(self, is_enabled: bool) -> None:
         for layer in self.layers.values():
@@ -290,12 +334,16 @@ class KohyaLoRA2Network(LoRA2Network):
                     group = next((g for g in optimizer.param_groups if any(q is p for q in g["params"])), None)
                     O.check_state(state, p.shape, layer.name, type(optimizer).__name__, group)
         self.optimizer = optimizer
+        # every process takes its first step here: agree on the row seed once more (for a process group
+        # joined after the network was built; resumed state and loaded files are the same everywhere)
+        self.agree_seed()
 
     def after_optimizer_step(self) -> dict:
         """Count the step; every ``resize_every`` steps re-allocate at D(ν) in place; tell listeners.
 
         In a multi-process run every process checks first that all of them are about to allocate the
-        same ranks and hold the same ν and weights (:func:`distributed.check_in_sync`, one all-reduce)."""
+        same ranks from the same row seeds and hold the same ν and weights (:func:`distributed.check_in_sync`,
+        one all-reduce)."""
         self.steps += 1
         if self.rank_optimizer is not None:
             self._step_rank_optimizer()
@@ -390,8 +438,15 @@ class KohyaLoRA2Network(LoRA2Network):
     @torch.no_grad()
     def load_adapter(self, adapter: Adapter, where: str = "adapter") -> str:
         """Set every component from ``adapter``: rank D from the file, ν from ``lora2_nu`` (or the ν
-        whose D(ν) = D for a plain LoRA), A = down and B = up·(alpha/D)/(s·Λ), so ΔW is unchanged."""
+        whose D(ν) = D for a plain LoRA), A = down and B = up·(alpha/D)/(s·Λ), so ΔW is unchanged.
+        A LoRA² file's row seed (``lora2_config``) replaces the network's, so training on from it grows
+        the rows the run that wrote it would have grown."""
         nus = _json_meta(adapter.metadata, "lora2_nu", where)
+        seed = _file_seed(adapter.metadata, where)
+        if seed is not None:
+            if seed != self.seed:
+                logger.info("LoRA²: row seed %d from %s replaces %d", seed, where, self.seed)
+            self.set_seed(seed)
         unexpected = sorted(k for k in adapter.modules if k not in self.layers)
         missing = sorted(k for k in self.layers if k not in adapter.modules)
         for key, module in adapter.modules.items():
@@ -418,10 +473,13 @@ class KohyaLoRA2Network(LoRA2Network):
                 layer.resize(int(saved.shape[0]), self.optimizer, in_place=True)
         if f"{prefix}lora2_steps" not in state_dict:  # state saved before the step count was kept
             state_dict[f"{prefix}lora2_steps"] = self.lora2_steps.clone()
+        if f"{prefix}lora2_seed" not in state_dict:  # state saved before the seed was kept
+            state_dict[f"{prefix}lora2_seed"] = self.lora2_seed.clone()
 
     @staticmethod
     def _after_load(self, incompatible) -> None:
         self.steps = int(self.lora2_steps)
+        self.set_seed(int(self.lora2_seed))
 
     # ---- sd-scripts --base_weights ---------------------------------------------------------------
     def is_mergeable(self) -> bool:
@@ -462,6 +520,14 @@ def _json_meta(meta: dict, key: str, where: str) -> dict:
     if not isinstance(value, dict):
         raise AdapterFormatError(f"{where}: metadata {key!r} is not a JSON object")
     return value
+
+
+def _file_seed(meta: dict, where: str) -> int | None:
+    """The row seed a LoRA² file's ``lora2_config`` records (None: a plain LoRA, or no seed recorded)."""
+    seed = _json_meta(meta, "lora2_config", where).get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise AdapterFormatError(f"{where}: lora2_config seed {seed!r} is not an integer >= 0")
+    return seed
 
 
 def _modules_from_state_dict(sd: dict, where: str) -> dict[str, LoRAModule]:
@@ -554,6 +620,8 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
     known = {"q", "r_init", "r_target", "r_max", "r_min", "rank_block", "resize_every", "lambda_r", "lambda_e",
              "beta", "scale", "nu_lr", "entropy_queries"}
     base = {k: v for k, v in saved.items() if k in known}
+    if _file_seed(adapter.metadata, where) is not None:  # the rows grown from here on: those of the file's run
+        base["seed"] = _file_seed(adapter.metadata, where)
     max_rank = max(adapter.ranks().values())
     base.setdefault("r_init", max_rank)
     base["r_max"] = max(int(base.get("r_max", max_rank)), max_rank)
@@ -561,8 +629,8 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
     config = make_config(None, kwargs, base)
     # build at the smallest rank, then shape every component from the file
     small = LoRA2Config(**{**config.to_dict(), "r_init": config.r_min, "r_target": config.r_target})
-    net = KohyaLoRA2Network(small, unet, text_encoder, multiplier)
-    net.config = config
+    net = KohyaLoRA2Network(small, unet, text_encoder, multiplier, sync_seed=not for_inference)
+    net.config = dataclasses.replace(config, seed=net.seed)
     net.nu_aim = R.nu_aim(config.r_target, config.q)
     absent = sorted(k for k in adapter.modules if k not in net.layers)
     if absent:

@@ -20,8 +20,9 @@ num_params, resized, elapsed, and ranks when they may have changed), every save
 ``--resume`` that folder continues the run.
 
 Several processes (``accelerate launch --num_processes N``): sd-scripts averages
-the network's gradients, so every process holds the same network; the network
-checks that at every re-allocation (:func:`lora2_train.distributed.check_in_sync`).
+the network's gradients and the network draws grown rows of A from process 0's
+seed (with or without ``--seed``), so every process holds the same network; the
+network checks that at every re-allocation (:func:`lora2_train.distributed.check_in_sync`).
 Only the main process prints progress and writes files; a stop request is
 agreed on by all processes at the start of a step, so they all stop after the
 same one.

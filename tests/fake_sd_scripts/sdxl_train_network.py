@@ -15,7 +15,7 @@ def setup_parser():
     defaults = dict(optimizer_type=None, use_8bit_adam=False, gradient_checkpointing=False, network_args=None,
                     network_dim=None, network_alpha=1.0, save_precision=None, output_name=None, output_dir=".",
                     save_state=False, save_state_on_train_end=False, resume=None, skip_until_initial_step=False,
-                    save_every_n_steps=None, max_train_steps=10, learning_rate=1e-4, unet_lr=None, seed=0,
+                    save_every_n_steps=None, max_train_steps=10, learning_rate=1e-4, unet_lr=None, seed=None,
                     sample_prompts=None, sample_every_n_steps=None, sample_sampler="ddim")
     p.set_defaults(**defaults)
     return p

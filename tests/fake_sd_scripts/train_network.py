@@ -3,6 +3,7 @@ network module and a trainer subclass see.  Not a copy of sd-scripts; only its c
 import importlib
 import json
 import os
+import random
 import time
 
 import torch
@@ -53,6 +54,8 @@ class NetworkTrainer:
             Image.new("RGB", tuple(size), (10 * step, 0, 0)).save(os.path.join(folder, name))
 
     def train(self, args):
+        if args.seed is None:  # as sd-scripts: without --seed every process draws its own
+            args.seed = random.randint(0, 2 ** 32)
         set_seed(args.seed)
         self.assert_extra_args(args, None, None)
         accelerator = Accelerator()
@@ -130,6 +133,7 @@ class NetworkTrainer:
             weights = [p.detach().double() for p in net.weight_parameters()]
             with open(os.path.join(report, f"rank{rank}.json"), "w") as f:
                 json.dump({"ranks": net.ranks(), "steps": net.steps, "nus": net.nus(), "first_loss": first_loss,
+                           "seed": args.seed, "network_seed": net.config.seed,
                            "prepared_as": type(network).__name__, "processes": accelerator.num_processes,
                            "weights": [float(w.sum()) for w in weights],
                            "weight_norms": [float(w.norm()) for w in weights]}, f)
