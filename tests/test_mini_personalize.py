@@ -33,7 +33,8 @@ def test_quick_run_reports_every_figure(tmp_path):
     from lora2_train.config import LoRA2Config
 
     # the LoRA² arm runs at the library defaults; only the step budget is the quick mode's
-    assert res["lora2_config"] == dataclasses.asdict(dataclasses.replace(LoRA2Config(), steps=30))
+    expected = json.loads(json.dumps(dataclasses.asdict(dataclasses.replace(LoRA2Config(), steps=30))))
+    assert res["lora2_config"] == expected
     assert res["quick"] and res["subjects"] == [3, 8] and res["seeds"] == [0] and res["ranks"] == [1, 4]
     assert res["pretrain"]["cached"] is False and list((tmp_path / "cache").glob("base-*.pt"))
     assert res["verdict"] in ("wins", "loses", "undecided") and sum(res["outcomes"].values()) == 2
@@ -77,6 +78,7 @@ def test_verdict_rule(bench):
     # a smaller fixed rank with a lower subject loss: LoRA² loses the pair
     loses = bench.pair_figures(ref, _runs({"lora2": (100, 0.9), "1": (50, 0.85), "4": (200, 0.8)}), [1, 4])
     assert loses["outcome"] == "loses" and loses["beaten_by_smaller"] == [1] and loses["dominated_by"] == [1]
+    assert loses["margin_vs_no_larger_fixed"] == pytest.approx(0.05)
     # only a larger fixed rank reaches its loss: LoRA² wins the pair
     wins = bench.pair_figures(ref, _runs({"lora2": (100, 0.9), "1": (50, 0.95), "4": (200, 0.9)}), [1, 4])
     assert wins["outcome"] == "wins" and wins["beats_larger_than_needed"] == [4]
@@ -88,4 +90,5 @@ def test_verdict_rule(bench):
         p["reference"] = {"similarity": 0.5, "hit_rate": 0.5, "real_val_similarity": 0.9, "real_val_hit_rate": 0.9}
     summary = bench.summarize(pairs, [1, 4])
     assert summary["verdict"] == "loses" and summary["outcomes"] == {"wins": 1, "loses": 2, "undecided": 0}
+    assert summary["mean_margin_vs_no_larger_fixed"] == pytest.approx((0.05 + 0.05 - 0.05) / 3, abs=1e-4)
     assert bench.summarize(pairs[1:], [1, 4])["verdict"] == "undecided"  # 1 : 1 is no majority
