@@ -337,6 +337,7 @@ class TrainerFixedLoRA(FixedLoRANetwork):
     def __init__(self, unet, rank, lr):
         super().__init__(unet, rank, alpha=FIXED_ALPHA)
         self.lr = lr
+        self.register_buffer("loss_ref", torch.zeros(2))  # the objective's L_ref (it multiplies L_reg = 0 here)
 
     def param_groups(self):
         return [{"params": list(self.parameters()), "lr": self.lr, "name": "lora"}]
