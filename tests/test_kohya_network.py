@@ -728,3 +728,32 @@ def test_row_seed_comes_back_with_the_state_and_the_file(tmp_path, small_unet):
         assert back.config.seed == int(back.lora2_seed) == 11 and {l.seed for l in back.layers.values()} == {11}
     finally:
         back.close()
+
+
+def test_default_network_args_are_the_library_defaults_and_learn_ragged_ranks(small_unet):
+    """No --network_args, no --network_dim: the network takes LoRA2Config()'s settings (those of the CLI, the node,
+    the demo and the benchmarks) and, trained with the extension's objective, ends with ranks that differ."""
+    import dataclasses
+
+    from lora2_train.objective import lora2_loss
+
+    net = kn.create_network(1.0, None, None, None, None, small_unet, neuron_dropout=None)
+    defaults = LoRA2Config()
+    for f in dataclasses.fields(LoRA2Config):
+        if f.name not in ("seed", "extra"):
+            assert getattr(net.config, f.name) == getattr(defaults, f.name), f.name
+    net.apply_to(None, small_unet, apply_text_encoder=False, apply_unet=True)
+    opt = torch.optim.Adam(net.param_groups(lr=4e-3))  # sd-scripts' --learning_rate
+    try:
+        for step in range(100):
+            x, t, ctx, y = unet_inputs(small_unet, batch=2, seed=step)
+            loss = lora2_loss(small_unet(x, t, ctx, y).square().mean(), net, net.config)[0]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if (step + 1) % net.config.resize_every == 0:
+                net.resize(opt)
+        ranks = set(net.ranks().values())
+        assert len(ranks) > 1, ranks
+    finally:
+        net.restore()
