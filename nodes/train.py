@@ -38,6 +38,7 @@ import time
 
 from . import _pack  # noqa: F401  (puts lora2_train on sys.path inside ComfyUI)
 from . import _comfy
+from lora2_train.config import LoRA2Config as _DEFAULTS  # noqa: E402  (widget defaults: one place)
 
 NONE = "(none)"
 BACKENDS = ("embedded", "sd-scripts")
@@ -113,7 +114,7 @@ class TrainLoRA2:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from lora2_train.config import LOSS_TYPES
+        from lora2_train.config import LOSS_TYPES, LoRA2Config as D
         from lora2_train.lr_schedule import LR_SCHEDULERS
 
         return {
@@ -125,16 +126,18 @@ class TrainLoRA2:
                                             "name.png is its caption (else the instance prompt)"}),
                 "instance_prompt": ("STRING", {"default": "photo of sks person", "multiline": False}),
                 "steps": ("INT", {"default": 500, "min": 1, "max": 100000}),
-                "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-6,
+                "learning_rate": ("FLOAT", {"default": D.lr, "min": 1e-7, "max": 1.0, "step": 1e-6,
                                             "round": False}),
-                "nu_learning_rate": ("FLOAT", {"default": 1e-2, "min": 1e-6, "max": 10.0, "step": 1e-4,
+                "nu_learning_rate": ("FLOAT", {"default": D.nu_lr, "min": 1e-6, "max": 10.0, "step": 1e-4,
                                                "round": False}),
-                "r_init": ("INT", {"default": 64, "min": 1, "max": 4096}),
-                "r_max": ("INT", {"default": 512, "min": 1, "max": 4096}),
-                "r_target": ("INT", {"default": 64, "min": 1, "max": 4096}),
-                "q": ("FLOAT", {"default": 0.9, "min": 0.01, "max": 0.999, "step": 0.01}),
-                "lambda_r": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1000.0, "step": 0.01, "round": False}),
-                "lambda_e": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 0.01, "round": False}),
+                "r_init": ("INT", {"default": D.r_init, "min": 1, "max": 4096, "tooltip": "rank of every module "
+                                   "at step 0"}),
+                "r_max": ("INT", {"default": D.r_max, "min": 1, "max": 4096, "tooltip": "no module grows beyond"}),
+                "r_target": ("INT", {"default": D.r_target, "min": 1, "max": 4096, "tooltip": "rank the modules "
+                                     "the data does not need settle at (L_reg's rank term pulls toward it)"}),
+                "q": ("FLOAT", {"default": D.q, "min": 0.01, "max": 0.999, "step": 0.01}),
+                "lambda_r": ("FLOAT", {"default": D.lambda_r, "min": 0.0, "max": 1000.0, "step": 0.01, "round": False}),
+                "lambda_e": ("FLOAT", {"default": D.lambda_e, "min": 0.0, "max": 1000.0, "step": 0.01, "round": False}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF}),
                 "resolution": ("INT", {"default": 1024, "min": 64, "max": 4096, "step": 8}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
@@ -210,6 +213,10 @@ class TrainLoRA2:
                                        "ResolutionBucket) or a LATENT batch, instead of the images"}),
                 "positive": ("CONDITIONING", {"tooltip": "with latents: their text conditioning (one per latent "
                                               "or one for all)"}),
+                "beta": ("FLOAT", {"default": D.beta, "min": 0.0, "max": 1e9, "step": 100.0, "round": False,
+                                   "tooltip": "weight term β of L_reg (price of LoRA weight per element, relative "
+                                   "to the starting loss): raising it drops weak rank positions, so ranks and the "
+                                   "file get smaller; lowering it keeps more"}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -245,7 +252,7 @@ class TrainLoRA2:
               save_every_n_steps=0,
               aspect_buckets=True, min_bucket_reso=256, max_bucket_reso=2048, cache_to_disk=True, latents=None,
               positive=None, num_processes=1, sample_prompts="", sample_every_n_steps=0, sample_sampler="euler_a",
-              unique_id=None):
+              beta=_DEFAULTS.beta, unique_id=None):
         import folder_paths
 
         from lora2_train.config import LoRA2Config
@@ -269,6 +276,7 @@ class TrainLoRA2:
             raise ValueError("latents: the latents/positive inputs train with the embedded backend only")
         config = LoRA2Config(q=float(q), r_init=int(r_init), r_target=int(r_target), r_max=int(r_max),
                              lambda_r=float(lambda_r), lambda_e=float(lambda_e), lr=float(learning_rate),
+                             beta=float(beta),
                              nu_lr=float(nu_learning_rate), steps=int(steps), batch_size=int(batch_size),
                              seed=int(seed), targets=_targets(target_modules),
                              text_encoder_lr=float(text_encoder_lr),
