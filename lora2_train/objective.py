@@ -78,26 +78,33 @@ class DDPMSchedule:
         return self.add_noise(x0, noise, t), t, noise
 
 
-#: micro-batches whose data loss makes up L_ref (the loss level L_reg is measured against)
+#: optimizer steps whose data loss makes up L_ref (the loss level L_reg is measured against)
 LOSS_REF_STEPS = 20
 
 
-@torch.no_grad()
-def loss_reference(network, data_loss: torch.Tensor) -> torch.Tensor:
-    """L_ref: the mean detached data loss of the first :data:`LOSS_REF_STEPS` training micro-batches, then fixed.
+def loss_reference(network) -> torch.Tensor:
+    """L_ref: the mean detached data loss of the first :data:`LOSS_REF_STEPS` optimizer steps recorded so far
+    (:func:`record_loss`), 0 before the first one — so L_reg starts with the second step.
 
     Kept in the network's persistent buffer ``loss_ref`` = (sum, count), so it is saved and restored with the
     network's state and a resumed run goes on with the same L_ref.  It sets the unit of L_reg: the loss the
     run started from, whatever its scale (an ε-loss near 0.1, a teacher-matching loss of 10⁻⁴).  On several
-    processes each measures its own batches; the gradients they average are unaffected by the difference."""
+    processes each records its own batches; the gradients they average are unaffected by the difference."""
+    ref = network.loss_ref.detach()
+    return (ref[0] / ref[1]).float() if float(ref[1]) > 0 else torch.zeros((), device=ref.device)
+
+
+@torch.no_grad()
+def record_loss(network, data_loss) -> None:
+    """Add one optimizer step's data loss (the mean over its micro-batches) to L_ref, for the first
+    :data:`LOSS_REF_STEPS` steps."""
     ref = network.loss_ref
     if float(ref[1]) < LOSS_REF_STEPS:
-        ref[0] += data_loss.detach().float().to(ref.device, ref.dtype)
+        ref[0] += torch.as_tensor(data_loss).detach().float().to(ref.device, ref.dtype)
         ref[1] += 1
-    return (ref[0] / ref[1]).float()
 
 
-def lora2_loss(data_loss: torch.Tensor, network, config, entropy: torch.Tensor | None = None):
+def lora2_loss(data_loss: torch.Tensor, network, config, entropy: torch.Tensor | None = None, record: bool = True):
     """L_total = L_data + λ_r·L_reg + λ_e·L_entropy with the scale-free regularizer
 
         L_reg = L_ref · (mean_ℓ |ln ν_ℓ − ln ν_aim| + β · mean_ℓ (‖A_ℓ‖² + ‖B_ℓ‖²)/numel_ℓ)
@@ -105,13 +112,17 @@ def lora2_loss(data_loss: torch.Tensor, network, config, entropy: torch.Tensor |
     L_ref (:func:`loss_reference`) is the data loss at the start of the run, a constant.  Scaling the data
     loss by c scales L_ref and so every gradient by c: with Adam (or any scale-invariant optimizer) training
     is unchanged, and λ_r and β mean the same for every loss scale — the price of a rank position is a share
-    of the starting loss (README, "Scale-free L_reg").  Returns (total, L_reg, entropy)."""
+    of the starting loss (README, "Scale-free L_reg").  ``record``: this call is one optimizer step, whose
+    data loss goes into L_ref after L_reg is computed (a trainer that accumulates micro-batches passes False
+    and calls :func:`record_loss` once per step with their mean).  Returns (total, L_reg, entropy)."""
     rank_term, weight_term = network.reg_loss()
-    scale = loss_reference(network, data_loss).to(rank_term.device)
+    scale = loss_reference(network).to(rank_term.device)
     reg = scale * (rank_term + config.beta * weight_term)
     reg = reg.to(data_loss.device, data_loss.dtype)
     ent = data_loss.new_zeros(()) if entropy is None else entropy.to(data_loss.device, data_loss.dtype)
     total = data_loss + config.lambda_r * reg + config.lambda_e * ent
+    if record:
+        record_loss(network, data_loss)
     return total, reg, ent
 
 

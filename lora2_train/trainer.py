@@ -49,7 +49,7 @@ from .config import LoRA2Config
 from .format import atomic_write_bytes
 from .network import LoRA2Network
 from .lr_schedule import lr_multiplier
-from .objective import CrossAttentionEntropy, DDPMSchedule, diffusion_loss, lora2_loss, min_snr_weights
+from .objective import CrossAttentionEntropy, DDPMSchedule, diffusion_loss, lora2_loss, min_snr_weights, record_loss
 from .optim import build_optimizer
 
 CHECKPOINT_FORMAT = "lora2-checkpoint"
@@ -293,7 +293,8 @@ class Trainer:
         if c.min_snr_gamma > 0:
             weights = min_snr_weights(self.schedule.snr(t), c.min_snr_gamma, c.prediction_type)
         mse = diffusion_loss(pred, target, c.loss_type, c.huber_c, weights)
-        total, reg, ent = lora2_loss(mse, self.network, c, self.entropy.loss() if self.entropy is not None else None)
+        total, reg, ent = lora2_loss(mse, self.network, c, self.entropy.loss() if self.entropy is not None else None,
+                                     record=False)  # L_ref gets the step's mean data loss (_optimizer_step)
         return total, mse, reg, ent
 
     def _optimizer_step(self):
@@ -320,6 +321,7 @@ class Trainer:
                     f"reg={reg.item():.4g}, entropy={ent.item():.4g}); training stopped{where}")
             self.scaler.scale(total / k if k > 1 else total).backward()
             sums += torch.tensor([total.item(), mse.item(), reg.item(), ent.item()], dtype=torch.float64)
+        record_loss(self.network, sums[1] / k)
         D.average_gradients(self.network.parameters())  # a no-op on one process
         grad_norm = float("nan")
         if c.max_grad_norm > 0:

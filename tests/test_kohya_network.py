@@ -473,12 +473,15 @@ def test_trainer_extension_adds_reg_and_entropy_and_prints_progress(tmp_path, sm
         opt = torch.optim.AdamW(groups, lr=1e-3)
         batch = unet_inputs(small_unet, batch=1)
         call = (batch, encoders, small_unet, net, None, None, None, None, _Accelerator(), args, None, None)
+        from lora2_train.objective import record_loss
+        record_loss(net, 0.7)
         total = trainer.process_batch(*call)
         total_f, mse, reg, ent = trainer._last
         assert mse == pytest.approx(_TrainerBase().process_batch(*call).item(), rel=1e-5)
         r, w = net.reg_loss()
-        # L_reg = L_ref·(rank term + β·weight term), L_ref = the first data loss (one training batch so far)
-        assert reg == pytest.approx(mse * (r + net.config.beta * w).item(), rel=1e-5)
+        # L_reg = L_ref·(rank term + β·weight term); L_ref = the mean data loss of the steps before (the one
+        # recorded below), this batch's loss recorded after
+        assert reg == pytest.approx(0.7 * (r + net.config.beta * w).item(), rel=1e-5)
         assert ent > 0 and total_f == pytest.approx(mse + 2 * reg + 0.1 * ent, rel=1e-5)
         # validation batches get sd-scripts' loss alone
         assert trainer.process_batch(*call[:-2], None, None, is_train=False).item() == pytest.approx(mse, rel=1e-5)
@@ -672,7 +675,7 @@ def _run(net, unet, steps, start=0, resumed_from=None):
     return opt, grown
 
 
-SEED_ARGS = dict(dim=8, r_max=16, resize_every=2, rank_block=1, nu_lr=3.0)
+SEED_ARGS = dict(dim=8, r_max=16, r_target=8, beta=0.01, lambda_r=1.0, resize_every=2, rank_block=1, nu_lr=3.0)
 
 
 def test_row_seed_comes_back_with_the_state_and_the_file(tmp_path, small_unet):

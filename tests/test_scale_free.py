@@ -9,7 +9,7 @@ import torch
 from lora2_train import rank as R
 from lora2_train.config import LoRA2Config
 from lora2_train.network import LoRA2Network
-from lora2_train.objective import LOSS_REF_STEPS, DDPMSchedule, lora2_loss, loss_reference, mse_loss
+from lora2_train.objective import LOSS_REF_STEPS, DDPMSchedule, lora2_loss, loss_reference, mse_loss, record_loss
 from lora2_train.planted import build_planted_task
 
 from tests_helpers import unet_inputs
@@ -34,10 +34,14 @@ def _tiny(cfg=None, **kw):
     return unet, teacher, net, data
 
 
-def test_loss_reference_is_the_mean_of_the_first_losses_then_fixed():
+def test_loss_reference_is_the_mean_of_the_first_steps_then_fixed():
     _, _, net, _ = _tiny()
+    assert float(loss_reference(net)) == 0.0  # nothing recorded: L_reg starts with the second step
     losses = [0.5 + 0.1 * i for i in range(LOSS_REF_STEPS + 5)]
-    seen = [float(loss_reference(net, torch.tensor(v))) for v in losses]
+    seen = []
+    for v in losses:
+        record_loss(net, torch.tensor(v))
+        seen.append(float(loss_reference(net)))
     assert seen[0] == pytest.approx(0.5)
     assert seen[2] == pytest.approx(statistics.fmean(losses[:3]), rel=1e-6)
     fixed = statistics.fmean(losses[:LOSS_REF_STEPS])
@@ -46,10 +50,12 @@ def test_loss_reference_is_the_mean_of_the_first_losses_then_fixed():
     state = net.state_dict()
     _, _, other, _ = _tiny()
     other.load_state_dict(state)
-    assert float(loss_reference(other, torch.tensor(100.0))) == pytest.approx(fixed, rel=1e-6)
+    record_loss(other, torch.tensor(100.0))
+    assert float(loss_reference(other)) == pytest.approx(fixed, rel=1e-6)
     del state["loss_ref"]
     other.load_state_dict(state)
-    assert float(loss_reference(other, torch.tensor(3.0))) == pytest.approx(3.0)
+    record_loss(other, torch.tensor(3.0))
+    assert float(loss_reference(other)) == pytest.approx(3.0)
 
 
 def test_lora2_loss_hand_value_and_detached_reference():
@@ -57,11 +63,13 @@ def test_lora2_loss_hand_value_and_detached_reference():
     unet, teacher, net, data = _tiny(cfg)
     for layer in net.layers.values():
         layer.lora_up.data.normal_(0, 0.01)
+    record_loss(net, 0.4)  # L_ref of the steps before: 0.4
     mse = torch.tensor(0.25, requires_grad=True)
     ent = torch.tensor(2.0)
     total, reg, out_ent = lora2_loss(mse, net, cfg, ent)
+    assert float(loss_reference(net)) == pytest.approx((0.4 + 0.25) / 2)  # this step recorded after L_reg
     rank_term, weight_term = net.reg_loss()
-    expected_reg = 0.25 * (float(rank_term.detach()) + 7.0 * float(weight_term.detach()))
+    expected_reg = 0.4 * (float(rank_term.detach()) + 7.0 * float(weight_term.detach()))
     assert float(reg) == pytest.approx(expected_reg, rel=1e-5)
     assert float(total) == pytest.approx(0.25 + 0.3 * expected_reg + 0.5 * 2.0, rel=1e-5)
     assert float(out_ent) == 2.0
