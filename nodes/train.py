@@ -600,6 +600,9 @@ class TrainLoRA2:
         if sample_every > 0:
             sample_prompt_lines(sample_prompts)  # one line when there is no prompt
         started = time.time()
+        # sample images already there (an earlier, cancelled run of a resumed one) are not this run's, even
+        # when written within the mtime slack of `since`
+        earlier = {p.name for p in sample_images(out.parent, out.stem)}
 
         with tempfile.TemporaryDirectory(prefix="lora2_data_") as tmp:
             folder = dataset_path
@@ -609,7 +612,7 @@ class TrainLoRA2:
             else:
                 self._examples(dataset_path, None, "", instance_prompt, resolution)  # validate early, one line
             history: list[dict] = []
-            shown: set[str] = set()
+            shown: set[str] = set(earlier)
 
             def callback(ev):
                 if sample_every > 0:  # sample images sd-scripts wrote since the last step: to the chart
@@ -642,7 +645,8 @@ class TrainLoRA2:
         adapter = load_adapter(path)
         if not history:
             history.append({"step": config.steps, "ranks": adapter.ranks(), "loss": float("nan")})
-        return adapter, history, sample_images(out.parent, out.stem, since=started)
+        ours = [p for p in sample_images(out.parent, out.stem, since=started) if p.name not in earlier]
+        return adapter, history, ours
 
 
 # ---- helpers (ComfyUI glue only) -----------------------------------------------------------------
