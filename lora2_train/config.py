@@ -22,6 +22,13 @@ TARGET_PRESETS = {
 }
 
 
+#: ρ's learning rate per unit of the LoRA weights' one when ``nu_lr`` is 0.  Adam moves every parameter by
+#: about its learning rate per step, so B (zero at the start) needs a time ∝ 1/lr to learn; while it is
+#: small ν gets no data gradient through Λ and only L_reg's pull moves it.  ρ stepped at a rate ∝ lr
+#: travels the same distance in that time at every lr and step budget (README, "Scale-free L_reg").
+NU_LR_PER_LR = 25.0
+
+
 class ConfigError(ValueError):
     """A hyperparameter is invalid; the message names the field."""
 
@@ -37,13 +44,15 @@ class LoRA2Config:
     steps between two re-allocations.
 
     Loss (spec §3, README "Scale-free L_reg"): L = L_MSE + lambda_r·L_reg + lambda_e·L_entropy with
-    L_reg = sg(L_MSE)·(mean|ln ν − ln ν_aim| + beta·mean(‖A‖²+‖B‖²)/numel), ν_aim the middle of
+    L_reg = L_ref·(mean|ln ν − ln ν_aim| + beta·mean(‖A‖²+‖B‖²)/numel), L_ref the mean data loss of
+    the run's first steps (:func:`lora2_train.objective.loss_reference`), ν_aim the middle of
     r_target's interval of D(ν) (:func:`lora2_train.rank.nu_aim`).  The defaults are the ones every
     entry point (library, CLI, node, sd-scripts network_args), the demo and the benchmarks use.
 
     Optimisation: ``optimizer`` (one of :data:`lora2_train.optim.OPTIMIZERS`) with
     ``lr`` for LoRA weights and ``nu_lr`` for the rank parameters ρ (ν = ν_min +
-    softplus(ρ)).  ``max_params``: a cap on the LoRA parameters Σ D·(in+out) that
+    softplus(ρ)); ``nu_lr`` 0 (the default) means :data:`NU_LR_PER_LR` × ``lr``
+    (:meth:`rank_lr`).  ``max_params``: a cap on the LoRA parameters Σ D·(in+out) that
     re-allocation respects, positions allotted by importance across components
     (0: none).
 
@@ -73,7 +82,7 @@ class LoRA2Config:
     scale: float = 1.0
     targets: tuple = TARGET_PRESETS["attn"]
     lr: float = 1e-4
-    nu_lr: float = 5e-2
+    nu_lr: float = 0.0
     weight_decay: float = 0.0
     optimizer: str = "adam"
     steps: int = 500
@@ -105,6 +114,17 @@ class LoRA2Config:
             self.targets = tuple(self.targets)
         self.validate()
 
+    def rank_lr(self, lr: float | None = None, step_size: bool = True) -> float:
+        """ρ's learning rate: ``nu_lr``, or when it is 0, :data:`NU_LR_PER_LR` × the LoRA weights' `lr`
+        (``self.lr`` when not given; a host such as sd-scripts passes the one it sets).  ``step_size``
+        False: the weights' lr is not a step size but a multiplier of the optimizer's own estimate
+        (Prodigy's 1.0), so the default lr :attr:`LoRA2Config.lr` stands in for it."""
+        if self.nu_lr > 0:
+            return float(self.nu_lr)
+        if not step_size:
+            return NU_LR_PER_LR * float(LoRA2Config.lr)
+        return NU_LR_PER_LR * float(self.lr if lr is None else lr)
+
     def validate(self) -> "LoRA2Config":
         def bad(name, why):
             raise ConfigError(f"LoRA2Config.{name} {why}, got {getattr(self, name)!r}")
@@ -132,10 +152,10 @@ class LoRA2Config:
         if not self.r_min <= self.r_target <= self.r_max:
             bad("r_target", f"must lie in [r_min={self.r_min}, r_max={self.r_max}]")
         for name in ("lambda_r", "lambda_e", "beta", "weight_decay", "max_grad_norm", "min_snr_gamma",
-                     "noise_offset", "text_encoder_lr"):
+                     "noise_offset", "text_encoder_lr", "nu_lr"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
-        for name in ("lr", "nu_lr", "scale", "huber_c"):
+        for name in ("lr", "scale", "huber_c"):
             if getattr(self, name) <= 0:
                 bad(name, "must be > 0")
         from .optim import OPTIMIZERS

@@ -144,7 +144,7 @@ class LoRA2Network(nn.Module):
                      text_encoder_lr: float | None = None) -> list[dict]:
         """Optimizer groups: the U-Net's LoRA weights at `lr` ("lora"), the text encoders' at
         `text_encoder_lr` ("lora_te"; config ``text_encoder_lr``, 0 meaning `lr`), rank parameters ρ at
-        `nu_lr` ("nu", no weight decay).  A weight group without parameters is left out."""
+        `nu_lr` ("nu", no weight decay; by default ``config.rank_lr(lr)``).  A weight group without parameters is left out."""
         c = self.config
         lr = c.lr if lr is None else lr
         te_lr = c.text_encoder_lr if text_encoder_lr is None else text_encoder_lr
@@ -155,7 +155,9 @@ class LoRA2Network(nn.Module):
         if te:
             groups.append({"params": te, "lr": te_lr or lr, "name": "lora_te"})
         groups = [g for g in groups if g["params"]]
-        groups.append({"params": self.rank_parameters(), "lr": c.nu_lr if nu_lr is None else nu_lr,
+        if nu_lr is None:
+            nu_lr = c.rank_lr(lr, step_size=c.optimizer != "prodigy")
+        groups.append({"params": self.rank_parameters(), "lr": nu_lr,
                        "weight_decay": 0.0, "name": "nu"})
         return groups
 

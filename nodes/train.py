@@ -128,8 +128,10 @@ class TrainLoRA2:
                 "steps": ("INT", {"default": 500, "min": 1, "max": 100000}),
                 "learning_rate": ("FLOAT", {"default": D.lr, "min": 1e-7, "max": 1.0, "step": 1e-6,
                                             "round": False}),
-                "nu_learning_rate": ("FLOAT", {"default": D.nu_lr, "min": 1e-6, "max": 10.0, "step": 1e-4,
-                                               "round": False}),
+                "nu_learning_rate": ("FLOAT", {"default": D.nu_lr, "min": 0.0, "max": 10.0, "step": 1e-4,
+                                               "round": False, "tooltip": "learning rate of the rank "
+                                               "parameters; 0: 25 × learning_rate, which keeps the ranks' "
+                                               "pace matched to the weights' at any learning rate"}),
                 "r_init": ("INT", {"default": D.r_init, "min": 1, "max": 4096, "tooltip": "rank of every module "
                                    "at step 0"}),
                 "r_max": ("INT", {"default": D.r_max, "min": 1, "max": 4096, "tooltip": "no module grows beyond"}),

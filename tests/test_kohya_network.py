@@ -746,7 +746,11 @@ def test_default_network_args_are_the_library_defaults_and_learn_ragged_ranks(sm
         if f.name not in ("seed", "extra"):
             assert getattr(net.config, f.name) == getattr(defaults, f.name), f.name
     net.apply_to(None, small_unet, apply_text_encoder=False, apply_unet=True)
-    opt = torch.optim.Adam(net.param_groups(lr=4e-3))  # sd-scripts' --learning_rate
+    groups, _ = net.prepare_optimizer_params(None, 1e-3, 1e-3)  # sd-scripts' --learning_rate 1e-3
+    from lora2_train.config import NU_LR_PER_LR
+
+    assert groups[-1]["lr"] == pytest.approx(NU_LR_PER_LR * 1e-3)  # ρ's rate follows sd-scripts' unet_lr
+    opt = torch.optim.Adam(groups)
     try:
         for step in range(100):
             x, t, ctx, y = unet_inputs(small_unet, batch=2, seed=step)

@@ -135,3 +135,34 @@ def test_ranks_follow_the_plant_at_two_widths():
         assert m[0] < m[1] < m[2], (width, m)
     for a, b in zip(means[64], means[128]):
         assert 0.5 <= a / b <= 2.0, means
+
+
+def test_rank_lr_follows_the_weights_lr_unless_set():
+    from lora2_train.config import NU_LR_PER_LR
+
+    assert LoRA2Config().nu_lr == 0.0
+    assert LoRA2Config(lr=2e-3).rank_lr() == pytest.approx(NU_LR_PER_LR * 2e-3)
+    assert LoRA2Config(lr=2e-3).rank_lr(1e-4) == pytest.approx(NU_LR_PER_LR * 1e-4)  # a host's lr wins
+    assert LoRA2Config(lr=2e-3, nu_lr=0.3).rank_lr(1e-4) == 0.3  # set explicitly: kept
+    # a learning rate that multiplies the optimizer's own estimate (Prodigy's 1.0) is not a step size
+    assert LoRA2Config(lr=1.0).rank_lr(step_size=False) == pytest.approx(NU_LR_PER_LR * LoRA2Config.lr)
+    _, _, net, _ = _tiny(LoRA2Config(r_init=4, r_max=32, lr=3e-3))
+    assert [g["lr"] for g in net.param_groups() if g["name"] == "nu"] == [pytest.approx(NU_LR_PER_LR * 3e-3)]
+    _, _, net, _ = _tiny(LoRA2Config(r_init=4, r_max=32, lr=1.0, optimizer="prodigy"))
+    assert [g["lr"] for g in net.param_groups() if g["name"] == "nu"] == [pytest.approx(NU_LR_PER_LR * 1e-4)]
+
+
+def test_ranks_follow_the_plant_at_two_learning_rates():
+    """Halving the learning rate and doubling the steps: ρ's rate follows lr (``nu_lr`` 0), so the ranks travel as
+    far while the weights learn as much — the mean learned rank per level agrees within 2×."""
+    levels = (1, 4, 16)
+    means = {}
+    for lr, steps in ((4e-3, 100), (2e-3, 200)):
+        torch.manual_seed(0)
+        unet, teacher, plan, data = build_planted_task(0, levels, channels=64, depth=6)
+        ranks, _ = _train(unet, teacher, data, LoRA2Config(lr=lr, seed=0), steps=steps)
+        means[lr] = [statistics.fmean(ranks[k] for k in plan if plan[k] == v) for v in levels]
+    for lr, m in means.items():
+        assert m[0] < m[1] < m[2], (lr, m)
+    for a, b in zip(means[4e-3], means[2e-3]):
+        assert 0.5 <= a / b <= 2.0, means

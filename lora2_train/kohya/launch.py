@@ -555,7 +555,8 @@ def add_train_parser(sub) -> None:
     t.add_argument("--lambda-e", dest="lambda_e", type=float, default=LoRA2Config.lambda_e)
     t.add_argument("--beta", type=float, default=LoRA2Config.beta)
     t.add_argument("--lr", type=float, default=LoRA2Config.lr)
-    t.add_argument("--nu-lr", dest="nu_lr", type=float, default=LoRA2Config.nu_lr)
+    t.add_argument("--nu-lr", dest="nu_lr", type=float, default=LoRA2Config.nu_lr,
+                   help="learning rate of the rank parameters (0: 25 × --lr)")
     t.add_argument("--resize-every", dest="resize_every", type=int, default=LoRA2Config.resize_every)
     t.add_argument("--targets", default="attn", help="preset (attn, attn+ff, attn+ff+proj, all) or comma list")
     t.add_argument("--mixed-precision", dest="mixed_precision", choices=("no", "fp16", "bf16"), default="bf16")

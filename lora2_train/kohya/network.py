@@ -263,8 +263,8 @@ class KohyaLoRA2Network(LoRA2Network):
     # ---- sd-scripts: optimizer ----------------------------------------------------------------
     def prepare_optimizer_params_with_multiple_te_lrs(self, text_encoder_lr, unet_lr, default_lr=None):
         """Optimizer groups: U-Net weights at unet_lr, each text encoder's at its text_encoder_lr
-        (a list: one per encoder, or one for both), the rank parameters ρ at ``nu_lr`` without
-        weight decay.  A group whose learning rate is 0 is frozen and left out (as sd-scripts does).
+        (a list: one per encoder, or one for both), the rank parameters ρ at ``nu_lr`` (0: NU_LR_PER_LR × unet_lr,
+        :meth:`LoRA2Config.rank_lr`) without weight decay.  A group whose learning rate is 0 is frozen and left out (as sd-scripts does).
         Returns (groups, descriptions) for sd-scripts' learning-rate logging."""
         if isinstance(text_encoder_lr, (list, tuple)):
             te_lrs = list(text_encoder_lr) or [None]
@@ -295,13 +295,16 @@ class KohyaLoRA2Network(LoRA2Network):
         for i, prefix in enumerate(TE_PREFIXES):
             add(weights(prefix), te_lrs[min(i, len(te_lrs) - 1)], f"textencoder {i + 1}")
         add(weights(UNET_PREFIX), unet_lr, "unet")
+        weight_lr = default_lr if unet_lr is None else unet_lr
         if O.needs_rank_optimizer(self.optimizer_family):
-            # Prodigy takes one learning rate for all groups, Adafactor's relative step none: ρ keeps nu_lr
-            # through its own Adam, stepped after each step of sd-scripts' optimizer
-            self.rank_optimizer = torch.optim.Adam(self.rank_parameters(), lr=self.config.nu_lr)
+            # Prodigy takes one learning rate for all groups, Adafactor's relative step none: ρ keeps its
+            # rate through its own Adam, stepped after each step of sd-scripts' optimizer
+            nu_lr = self.config.rank_lr(step_size=False)
+            self.rank_optimizer = torch.optim.Adam(self.rank_parameters(), lr=nu_lr)
         else:
             self.rank_optimizer = None
-            add(self.rank_parameters(), self.config.nu_lr, "nu", weight_decay=0.0)
+            nu_lr = self.config.rank_lr(None if weight_lr is None else float(weight_lr))
+            add(self.rank_parameters(), nu_lr, "nu", weight_decay=0.0)
         self.watch_optimizer()
         return groups, descriptions
 
