@@ -449,3 +449,39 @@ def test_sd_scripts_backend_inputs_are_checked(comfyui_alive, koala_checkpoint, 
         assert str(empty) in msg and "not an sd-scripts checkout" in msg
     else:
         assert "base_checkpoint" in msg
+
+
+def widget_defaults(server, node: str) -> dict:
+    """Every required widget of `node` at the default its definition (``/object_info``) gives."""
+    spec = server.object_info(node)[node]["input"]["required"]
+    out = {}
+    for k, v in spec.items():
+        options = v[1] if len(v) > 1 and isinstance(v[1], dict) else {}
+        if "default" in options:
+            out[k] = options["default"]
+        elif isinstance(v[0], list) and v[0]:  # a combo without a default: its first entry, as the UI does
+            out[k] = v[0][0]
+    return out
+
+
+def test_train_node_at_its_widget_defaults_learns_ragged_ranks(comfyui_alive, koala_checkpoint, dataset, loras):
+    """Every method widget of the Train node at its default (those of LoRA2Config: r_init 16, r_target 1, λ_r, β,
+    ν's rate 25 × lr); the run is shortened for a CPU: 256² images, 40 steps at a learning rate of 1e-3, which
+    stands in for the default 1e-4 over 400 steps (ρ's rate follows lr: tests/test_scale_free.py checks that
+    halving lr and doubling the steps keeps the per-level ranks).  The saved file's ranks differ per module."""
+    server, (folder, name) = comfyui_alive, loras
+    inputs = widget_defaults(server, "LoRA2Train")
+    from lora2_train.config import LoRA2Config
+
+    d = LoRA2Config()
+    assert (inputs["r_init"], inputs["r_target"], inputs["lambda_r"], inputs["nu_learning_rate"]) == \
+        (d.r_init, d.r_target, d.lambda_r, d.nu_lr)
+    inputs.update({"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset_path": str(dataset),
+                   "output_name": name, "steps": 40, "learning_rate": 1e-3, "resolution": 256})
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": koala_checkpoint.name}},
+         "20": {"class_type": "LoRA2Train", "inputs": inputs}}
+    server.run(g, timeout=1800)
+    ad = load_adapter(folder / f"{name}.safetensors")
+    ranks = ad.ranks()
+    assert len(set(ranks.values())) > 1, sorted(set(ranks.values()))
+    assert json.loads(ad.metadata["lora2_config"])["beta"] == d.beta
