@@ -25,7 +25,7 @@ TARGET_PRESETS = {
 #: ρ's learning rate per unit of the LoRA weights' one when ``nu_lr`` is 0.  Adam moves every parameter by
 #: about its learning rate per step, so B (zero at the start) needs a time ∝ 1/lr to learn; while it is
 #: small ν gets no data gradient through Λ and only L_reg's pull moves it.  ρ stepped at a rate ∝ lr
-#: travels the same distance in that time at every lr and step budget (README, "Scale-free L_reg").
+#: travels the same distance in that time at every lr and step budget (docs/method.md, "Scale-free L_reg").
 NU_LR_PER_LR = 25.0
 
 
@@ -43,7 +43,7 @@ class LoRA2Config:
     ``rank_block`` ranks are allocated in multiples of this; ``resize_every``
     steps between two re-allocations.
 
-    Loss (spec §3, README "Scale-free L_reg"): L = L_MSE + lambda_r·L_reg + lambda_e·L_entropy with
+    Loss (spec §3, docs/method.md, "Scale-free L_reg"): L = L_MSE + lambda_r·L_reg + lambda_e·L_entropy with
     L_reg = L_ref·(mean|ln ν − ln ν_aim| + beta·mean(‖A‖²+‖B‖²)/numel), L_ref the mean data loss of
     the run's first steps (:func:`lora2_train.objective.loss_reference`), ν_aim the middle of
     r_target's interval of D(ν) (:func:`lora2_train.rank.nu_aim`).  The defaults are the ones every

@@ -229,7 +229,7 @@ class LoRA2Network(nn.Module):
 
     # ---- regularizer -------------------------------------------------------------------------
     def reg_loss(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """L_reg parts (spec §3, README "Scale-free L_reg"):
+        """L_reg parts (spec §3, docs/method.md, "Scale-free L_reg"):
 
             rank term    mean_ℓ |ln ν_ℓ − ln ν_aim|   (ν_aim: the middle of r_target's interval of D(ν))
             weight term  mean_ℓ (‖A_ℓ‖² + ‖B_ℓ‖²) / numel_ℓ

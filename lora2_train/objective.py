@@ -112,7 +112,7 @@ def lora2_loss(data_loss: torch.Tensor, network, config, entropy: torch.Tensor |
     L_ref (:func:`loss_reference`) is the data loss at the start of the run, a constant.  Scaling the data
     loss by c scales L_ref and so every gradient by c: with Adam (or any scale-invariant optimizer) training
     is unchanged, and λ_r and β mean the same for every loss scale — the price of a rank position is a share
-    of the starting loss (README, "Scale-free L_reg").  ``record``: this call is one optimizer step, whose
+    of the starting loss (docs/method.md, "Scale-free L_reg").  ``record``: this call is one optimizer step, whose
     data loss goes into L_ref after L_reg is computed (a trainer that accumulates micro-batches passes False
     and calls :func:`record_loss` once per step with their mean).  Returns (total, L_reg, entropy)."""
     rank_term, weight_term = network.reg_loss()

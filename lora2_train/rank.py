@@ -51,7 +51,7 @@ def nu_aim(r_target: float, q: float) -> float:
     ν_target(r) = −ln(1−q)/r is the lower edge of the interval of rates with D(ν) = r (D = ceil(−ln(1−q)/ν)),
     so a component held there by the pull would flip between ranks r and r + 1 with the noise of every
     step; aiming at the middle of that interval (continuous rank r − ½) settles it at r.  Our choice
-    (README, "Scale-free L_reg"); D(nu_aim(r)) == r for every r ≥ 1.
+    (docs/method.md, "Scale-free L_reg"); D(nu_aim(r)) == r for every r ≥ 1.
     """
     if r_target < 1:
         raise ValueError(f"r_target must be at least 1, got {r_target!r}")

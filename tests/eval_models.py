@@ -109,7 +109,7 @@ def degraded_copies(references: list[Path], folder: Path, noise: float, copies: 
 
 
 def demo_chart(out: Path, work: Path) -> dict:
-    """The README's demonstration chart: two adapters (ragged LoRA², fixed-rank LoRA) at several budgets, scored
+    """The demonstration chart of docs/evaluation.md: two adapters (ragged LoRA², fixed-rank LoRA) at several budgets, scored
     by tiny random-weight models on synthetic images (references plus noise that shrinks with the budget)."""
     import json as _json
 

@@ -1,4 +1,4 @@
-"""The scale-free L_reg (README, "Scale-free L_reg"): hand values, L_ref's life cycle, and the invariances
+"""The scale-free L_reg (docs/method.md, "Scale-free L_reg"): hand values, L_ref's life cycle, and the invariances
 it is built for — the same ranks when the loss is scaled, close ranks when the model is widened."""
 import math
 import statistics
