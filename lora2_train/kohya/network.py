@@ -8,13 +8,13 @@ through the methods of its network contract (``apply_to``,
 ``on_epoch_start``, ``get_trainable_params``, ``save_weights`` …).
 
 Arguments:
-  ``--network_dim``   r_init, the rank every component starts at (default 64).
+  ``--network_dim``   r_init, the rank every component starts at (default LoRA2Config.r_init, 16).
   ``--network_alpha`` ignored: LoRA² scales by Λ (spec §1) and saves alpha = rank.
-  ``--network_args``  ``key=value`` strings: r_max, r_target (default r_init), r_min,
-                      q, lambda_r, lambda_e, beta, nu_lr, resize_every, rank_block,
+  ``--network_args``  ``key=value`` strings: r_max, r_target, r_min,
+                      q, lambda_r, lambda_e, beta, nu_lr (0: 25 × the U-Net lr), resize_every, rank_block,
                       scale, entropy_queries, max_params (a cap on the LoRA parameters, 0: none),
                       targets (a preset of ``config.TARGET_PRESETS`` such as ``attn`` or
-                      ``attn+ff``, or a comma list of groups).
+                      ``attn+ff``, or a comma list of groups); unset ones take LoRA2Config()'s defaults.
 
 The rows of A a component grows are drawn from a generator seeded by the run's seed, the component's name
 and the position (:func:`lora2_train.layer.row_seed`); the run's seed is the one sd-scripts seeds torch
