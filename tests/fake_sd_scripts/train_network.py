@@ -1,4 +1,4 @@
-"""Stand-in for sd-scripts' train_network.py (see README.md): the calls, in sd-scripts' order, that a
+"""Stand-in for sd-scripts' train_network.py (see docs/sd_scripts.md): the calls, in sd-scripts' order, that a
 network module and a trainer subclass see.  Not a copy of sd-scripts; only its contract."""
 import importlib
 import json
