@@ -4,7 +4,8 @@ Keys per module ``<name>``: ``<name>.lora_down.weight`` (D×in[×k×k]),
 ``<name>.lora_up.weight`` (out×D[×1×1]) and ``<name>.alpha`` (fp32 scalar; ΔW =
 alpha/D · up @ down).  Files we train (and the SVD, merge and truncate tools)
 give every module the same alpha = max rank (= ``ss_network_alpha``), with s·Λ and
-the factor D/alpha folded into ``lora_up``: loaders that assume one alpha per file
+the factor D/alpha split between ``lora_down`` and ``lora_up`` (balanced factors, so fp16 files keep
+their precision): loaders that assume one alpha per file
 (diffusers) then scale every module correctly, and the others read per-module
 alphas anyway.  Positions stay in importance order: the first k positions of
 a module are its k most important directions (``lora2_order`` says which order
@@ -77,6 +78,34 @@ def balanced_factors(down: torch.Tensor, up: torch.Tensor, c: torch.Tensor | flo
     return d * g.view(shape_d), u * (c / g).view(shape_u)
 
 
+#: positions whose two factors differ in norm by more than this ratio are rebalanced before a narrowing cast
+_BALANCE_RATIO = 4.0
+
+
+def _narrows(src: torch.dtype, dst: torch.dtype) -> bool:
+    """A cast from `src` to the 16-bit float `dst` loses range or precision (fp32/fp64 to fp16/bf16, or fp16 ↔ bf16)."""
+    return src != dst and dst in (torch.float16, torch.bfloat16) and src.is_floating_point
+
+
+def balanced_for_cast(down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors as they go into a 16-bit file: unchanged when every position's ‖u_k‖ and ‖d_k‖ are within
+    a factor 4 of each other (already balanced, e.g. by the training writer), otherwise
+    :func:`balanced_factors` with c = 1 (same product, computed in fp32).  A plain kohya file keeps its scale
+    in ``lora_up`` (entries ~1e-4 or less), and the tools fold their weights and alpha factors there too;
+    cast as they are, such factors fall into fp16's subnormal range.  Called by :func:`adapter_state_dict`
+    for every narrowing cast, so every writer (training, tools, nodes) stores balanced factors."""
+    r = down.shape[0]
+    if r == 0:
+        return down, up
+    dn = down.float().reshape(r, -1).norm(dim=1)
+    un = up.float().transpose(0, 1).reshape(r, -1).norm(dim=1)
+    live = (dn > 0) & (un > 0)
+    ratio = torch.where(live, un / torch.where(live, dn, 1.0), torch.ones_like(dn))
+    if bool(((ratio > _BALANCE_RATIO) | (ratio < 1.0 / _BALANCE_RATIO)).any()):
+        return balanced_factors(down, up, 1.0)
+    return down, up
+
+
 def uniform_alpha(modules: dict[str, LoRAModule]) -> dict[str, LoRAModule]:
     """The same ΔW with one alpha for all modules, A = max rank: up'·down' = (alpha/A)·up·down,
     the factor alpha/A split between the two (:func:`balanced_factors`)."""
@@ -141,7 +170,10 @@ def adapter_state_dict(adapter: Adapter, dtype: str | None = "fp16",
     sd = {}
     for name, m in adapter.modules.items():
         dt = DTYPES[dtype] if dtype is not None else m.down.dtype
-        down, up = m.down.detach().to("cpu", dt), m.up.detach().to("cpu", dt)
+        down, up = m.down.detach(), m.up.detach()
+        if _narrows(down.dtype, dt) or _narrows(up.dtype, dt):
+            down, up = balanced_for_cast(down, up)
+        down, up = down.to("cpu", dt), up.to("cpu", dt)
         sd[f"{name}.lora_down.weight"] = down.contiguous() if contiguous else down
         sd[f"{name}.lora_up.weight"] = up.contiguous() if contiguous else up
         sd[f"{name}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
