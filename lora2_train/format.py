@@ -80,6 +80,9 @@ def balanced_factors(down: torch.Tensor, up: torch.Tensor, c: torch.Tensor | flo
 
 #: positions whose two factors differ in norm by more than this ratio are rebalanced before a narrowing cast
 _BALANCE_RATIO = 4.0
+#: a 16-bit file's factors are kept between 16× the dtype's smallest normal number (RMS of the entries; below
+#: it fp16's subnormal spacing, 2^-24, starts to cost relative precision) and 1/16 of its largest number
+_RANGE_MARGIN = 16.0
 
 
 def _narrows(src: torch.dtype, dst: torch.dtype) -> bool:
@@ -92,8 +95,7 @@ def balanced_for_cast(down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tenso
     a factor 4 of each other (already balanced, e.g. by the training writer), otherwise
     :func:`balanced_factors` with c = 1 (same product, computed in fp32).  A plain kohya file keeps its scale
     in ``lora_up`` (entries ~1e-4 or less), and the tools fold their weights and alpha factors there too;
-    cast as they are, such factors fall into fp16's subnormal range.  Called by :func:`adapter_state_dict`
-    for every narrowing cast, so every writer (training, tools, nodes) stores balanced factors."""
+    cast as they are, such factors fall into fp16's subnormal range."""
     r = down.shape[0]
     if r == 0:
         return down, up
@@ -104,6 +106,47 @@ def balanced_for_cast(down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tenso
     if bool(((ratio > _BALANCE_RATIO) | (ratio < 1.0 / _BALANCE_RATIO)).any()):
         return balanced_factors(down, up, 1.0)
     return down, up
+
+
+def _range_shift(down: torch.Tensor, up: torch.Tensor, dtype: torch.dtype) -> int:
+    """k such that 2^k·down and 2^k·up sit well inside `dtype`'s normal range: the RMS of each factor's
+    live positions (both factors nonzero) at least ``_RANGE_MARGIN``·tiny, the largest entry at most
+    max/``_RANGE_MARGIN``; 0 when they already do (or nothing is live)."""
+    r = down.shape[0]
+    d, u = down.float().reshape(r, -1), up.float().transpose(0, 1).reshape(r, -1)
+    dn2, un2 = d.square().sum(1), u.square().sum(1)
+    live = (dn2 > 0) & (un2 > 0)
+    n = int(live.sum())
+    if n == 0:
+        return 0
+    info = torch.finfo(dtype)
+    low = min(float(dn2[live].sum()) / (n * d.shape[1]), float(un2[live].sum()) / (n * u.shape[1])) ** 0.5
+    high = max(float(d.abs().max()), float(u.abs().max()))
+    floor, ceil = _RANGE_MARGIN * info.tiny, info.max / _RANGE_MARGIN
+    if low < floor:
+        return max(0, min(math.ceil(math.log2(floor / low)), math.floor(math.log2(ceil / high))))
+    if high > ceil:
+        return -math.ceil(math.log2(high / ceil))
+    return 0
+
+
+def factors_for_dtype(down: torch.Tensor, up: torch.Tensor, alpha: float,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(down, up, alpha) of the same ΔW as stored in `dtype`, each factor rounded once from fp32.
+
+    On a narrowing cast (to fp16/bf16) the factors are balanced first (:func:`balanced_for_cast`).  When
+    even balanced factors fall outside `dtype`'s normal range — in fp16, a small-rank module of a file
+    whose one alpha is a large max rank, or a lora_up of ~1e-5 — both are multiplied by 2^k and alpha by
+    4^-k (exact in binary), so that module's alpha departs from the file's one alpha; bf16 (fp32's range)
+    never needs it.  Called by every writer (:func:`adapter_state_dict`) and by the merge's in-memory cast.
+    """
+    if not (_narrows(down.dtype, dtype) or _narrows(up.dtype, dtype)):
+        return down.to(dtype), up.to(dtype), alpha
+    down, up = balanced_for_cast(down, up)
+    k = _range_shift(down, up, dtype) if down.shape[0] else 0
+    if k:
+        down, up, alpha = down.float() * 2.0 ** k, up.float() * 2.0 ** k, alpha * 4.0 ** -k
+    return down.to(dtype), up.to(dtype), alpha
 
 
 def uniform_alpha(modules: dict[str, LoRAModule]) -> dict[str, LoRAModule]:
@@ -170,13 +213,11 @@ def adapter_state_dict(adapter: Adapter, dtype: str | None = "fp16",
     sd = {}
     for name, m in adapter.modules.items():
         dt = DTYPES[dtype] if dtype is not None else m.down.dtype
-        down, up = m.down.detach(), m.up.detach()
-        if _narrows(down.dtype, dt) or _narrows(up.dtype, dt):
-            down, up = balanced_for_cast(down, up)
-        down, up = down.to("cpu", dt), up.to("cpu", dt)
+        down, up, alpha = factors_for_dtype(m.down.detach(), m.up.detach(), float(m.alpha), dt)
+        down, up = down.to("cpu"), up.to("cpu")
         sd[f"{name}.lora_down.weight"] = down.contiguous() if contiguous else down
         sd[f"{name}.lora_up.weight"] = up.contiguous() if contiguous else up
-        sd[f"{name}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
+        sd[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     return sd
 
 

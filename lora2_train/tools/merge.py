@@ -13,7 +13,7 @@ import json
 
 import torch
 
-from ..format import Adapter, LoRAModule, balanced_factors, uniform_alpha, with_rank_metadata
+from ..format import Adapter, LoRAModule, balanced_factors, factors_for_dtype, uniform_alpha, with_rank_metadata
 from .resize import check_resize_args, resize_module
 
 MODES = ("exact", "pad-average")
@@ -49,14 +49,15 @@ def _exact(items: list[tuple[float, LoRAModule]], alpha: float | None = None,
            dtype: torch.dtype = torch.float32) -> LoRAModule:
     """[A_1; A_2; …] and [B_1 | B_2 | …] with the per-position factor c = w_i s_i (times rank/alpha, given
     `alpha`) split between the two (:func:`lora2_train.format.balanced_factors`), computed in fp32 and
-    rounded once to `dtype`."""
+    rounded once to `dtype` (:func:`lora2_train.format.factors_for_dtype`: in fp16 a module too small for
+    the dtype's range keeps a smaller alpha of its own)."""
     down = torch.cat([m.down.float() for _, m in items], 0)
     rank = down.shape[0]
     alpha = float(rank) if alpha is None else alpha
     up = torch.cat([m.up.float() for _, m in items], 1)
     c = torch.cat([torch.full((m.rank,), w * m.scale * rank / alpha) for w, m in items])
     down, up = balanced_factors(down, up, c)
-    return LoRAModule(down.to(dtype), up.to(dtype), alpha)
+    return LoRAModule(*factors_for_dtype(down, up, alpha, dtype))
 
 
 def _pad_average(items: list[tuple[float, LoRAModule]]) -> LoRAModule:
@@ -109,4 +110,6 @@ def merge(adapters: list[Adapter], weights: list[float] | None = None, mode: str
     meta = {k: v for k, v in base.items() if k.startswith(("ss_base_model", "modelspec.", "ss_network_module"))}
     order = "svd" if recompress else "none"
     merged = json.dumps({"mode": mode, "weights": weights, "inputs": names, "rank": rank, "energy": energy})
-    return with_rank_metadata(Adapter(uniform_alpha(modules), meta, "lora2"), lora2_order=order, lora2_merge=merged)
+    if alpha is None:  # (an exact merge has the file's alpha folded in already; cast modules keep theirs)
+        modules = uniform_alpha(modules)
+    return with_rank_metadata(Adapter(modules, meta, "lora2"), lora2_order=order, lora2_merge=merged)
