@@ -30,13 +30,17 @@ def live_rank(m: LoRAModule, k: int) -> int:
 
 
 def keep_first(m: LoRAModule, k: int, alpha: float) -> LoRAModule:
-    """The first k ≤ r positions, carrying `alpha`: the factor (alpha_m·k/r)/alpha is split between the two
-    factors (:func:`lora2_train.format.balanced_factors`), so alpha/rank of the kept positions is unchanged.  Without a rescale the factors are views of `m`'s (writers copy them)."""
+    """The first k ≤ r positions, carrying `alpha`: the factor (alpha_m·k/r)/alpha goes into up (fp32 factors;
+    a 16-bit writer balances them, :func:`lora2_train.format.factors_for_dtype`) or, for 16-bit factors, is
+    split between the two (:func:`lora2_train.format.balanced_factors`), so alpha/rank of the kept positions
+    is unchanged.  Without a rescale the factors are views of `m`'s (writers copy them)."""
     kept_alpha = m.alpha * k / m.rank
     down = m.down if k == m.rank else m.down[:k]
     if alpha == kept_alpha:
         return m if k == m.rank else LoRAModule(down, m.up[:, :k], kept_alpha)
-    return LoRAModule(*balanced_factors(down, m.up[:, :k], kept_alpha / alpha), float(alpha))
+    if m.up.dtype.itemsize < 4:  # 16-bit factors: rescaled in fp32, split between the two (the writer rounds once)
+        return LoRAModule(*balanced_factors(down, m.up[:, :k], kept_alpha / alpha), float(alpha))
+    return LoRAModule(down, m.up[:, :k] * (kept_alpha / alpha), float(alpha))
 
 
 def position_scores(m: LoRAModule) -> list[float]:
