@@ -4,7 +4,8 @@ Keys per module ``<name>``: ``<name>.lora_down.weight`` (D×in[×k×k]),
 ``<name>.lora_up.weight`` (out×D[×1×1]) and ``<name>.alpha`` (fp32 scalar; ΔW =
 alpha/D · up @ down).  Files we train (and the SVD, merge and truncate tools)
 give every module the same alpha = max rank (= ``ss_network_alpha``), with s·Λ and
-the factor D/alpha folded into ``lora_up``: loaders that assume one alpha per file
+the factor D/alpha split between ``lora_down`` and ``lora_up`` (balanced factors, so fp16 files keep
+their precision): loaders that assume one alpha per file
 (diffusers) then scale every module correctly, and the others read per-module
 alphas anyway.  Positions stay in importance order: the first k positions of
 a module are its k most important directions (``lora2_order`` says which order
@@ -77,6 +78,77 @@ def balanced_factors(down: torch.Tensor, up: torch.Tensor, c: torch.Tensor | flo
     return d * g.view(shape_d), u * (c / g).view(shape_u)
 
 
+#: positions whose two factors differ in norm by more than this ratio are rebalanced before a narrowing cast
+_BALANCE_RATIO = 4.0
+#: a 16-bit file's factors are kept between 16× the dtype's smallest normal number (RMS of the entries; below
+#: it fp16's subnormal spacing, 2^-24, starts to cost relative precision) and 1/16 of its largest number
+_RANGE_MARGIN = 16.0
+
+
+def _narrows(src: torch.dtype, dst: torch.dtype) -> bool:
+    """A cast from `src` to the 16-bit float `dst` loses range or precision (fp32/fp64 to fp16/bf16, or fp16 ↔ bf16)."""
+    return src != dst and dst in (torch.float16, torch.bfloat16) and src.is_floating_point
+
+
+def balanced_for_cast(down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors as they go into a 16-bit file: unchanged when every position's ‖u_k‖ and ‖d_k‖ are within
+    a factor 4 of each other (already balanced, e.g. by the training writer), otherwise
+    :func:`balanced_factors` with c = 1 (same product, computed in fp32).  A plain kohya file keeps its scale
+    in ``lora_up`` (entries ~1e-4 or less), and the tools fold their weights and alpha factors there too;
+    cast as they are, such factors fall into fp16's subnormal range."""
+    r = down.shape[0]
+    if r == 0:
+        return down, up
+    dn = down.float().reshape(r, -1).norm(dim=1)
+    un = up.float().transpose(0, 1).reshape(r, -1).norm(dim=1)
+    live = (dn > 0) & (un > 0)
+    ratio = torch.where(live, un / torch.where(live, dn, 1.0), torch.ones_like(dn))
+    if bool(((ratio > _BALANCE_RATIO) | (ratio < 1.0 / _BALANCE_RATIO)).any()):
+        return balanced_factors(down, up, 1.0)
+    return down, up
+
+
+def _range_shift(down: torch.Tensor, up: torch.Tensor, dtype: torch.dtype) -> int:
+    """k such that 2^k·down and 2^k·up sit well inside `dtype`'s normal range: the RMS of each factor's
+    live positions (both factors nonzero) at least ``_RANGE_MARGIN``·tiny, the largest entry at most
+    max/``_RANGE_MARGIN``; 0 when they already do (or nothing is live)."""
+    r = down.shape[0]
+    d, u = down.float().reshape(r, -1), up.float().transpose(0, 1).reshape(r, -1)
+    dn2, un2 = d.square().sum(1), u.square().sum(1)
+    live = (dn2 > 0) & (un2 > 0)
+    n = int(live.sum())
+    if n == 0:
+        return 0
+    info = torch.finfo(dtype)
+    low = min(float(dn2[live].sum()) / (n * d.shape[1]), float(un2[live].sum()) / (n * u.shape[1])) ** 0.5
+    high = max(float(d.abs().max()), float(u.abs().max()))
+    floor, ceil = _RANGE_MARGIN * info.tiny, info.max / _RANGE_MARGIN
+    if low < floor:
+        return max(0, min(math.ceil(math.log2(floor / low)), math.floor(math.log2(ceil / high))))
+    if high > ceil:
+        return -math.ceil(math.log2(high / ceil))
+    return 0
+
+
+def factors_for_dtype(down: torch.Tensor, up: torch.Tensor, alpha: float,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(down, up, alpha) of the same ΔW as stored in `dtype`, each factor rounded once from fp32.
+
+    On a narrowing cast (to fp16/bf16) the factors are balanced first (:func:`balanced_for_cast`).  When
+    even balanced factors fall outside `dtype`'s normal range — in fp16, a small-rank module of a file
+    whose one alpha is a large max rank, or a lora_up of ~1e-5 — both are multiplied by 2^k and alpha by
+    4^-k (exact in binary), so that module's alpha departs from the file's one alpha; bf16 (fp32's range)
+    never needs it.  Called by every writer (:func:`adapter_state_dict`) and by the merge's in-memory cast.
+    """
+    if not (_narrows(down.dtype, dtype) or _narrows(up.dtype, dtype)):
+        return down.to(dtype), up.to(dtype), alpha
+    down, up = balanced_for_cast(down, up)
+    k = _range_shift(down, up, dtype) if down.shape[0] else 0
+    if k:
+        down, up, alpha = down.float() * 2.0 ** k, up.float() * 2.0 ** k, alpha * 4.0 ** -k
+    return down.to(dtype), up.to(dtype), alpha
+
+
 def uniform_alpha(modules: dict[str, LoRAModule]) -> dict[str, LoRAModule]:
     """The same ΔW with one alpha for all modules, A = max rank: up'·down' = (alpha/A)·up·down,
     the factor alpha/A split between the two (:func:`balanced_factors`)."""
@@ -141,10 +213,11 @@ def adapter_state_dict(adapter: Adapter, dtype: str | None = "fp16",
     sd = {}
     for name, m in adapter.modules.items():
         dt = DTYPES[dtype] if dtype is not None else m.down.dtype
-        down, up = m.down.detach().to("cpu", dt), m.up.detach().to("cpu", dt)
+        down, up, alpha = factors_for_dtype(m.down.detach(), m.up.detach(), float(m.alpha), dt)
+        down, up = down.to("cpu"), up.to("cpu")
         sd[f"{name}.lora_down.weight"] = down.contiguous() if contiguous else down
         sd[f"{name}.lora_up.weight"] = up.contiguous() if contiguous else up
-        sd[f"{name}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
+        sd[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     return sd
 
 

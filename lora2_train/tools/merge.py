@@ -13,7 +13,7 @@ import json
 
 import torch
 
-from ..format import Adapter, LoRAModule, uniform_alpha, with_rank_metadata
+from ..format import Adapter, LoRAModule, balanced_factors, factors_for_dtype, uniform_alpha, with_rank_metadata
 from .resize import check_resize_args, resize_module
 
 MODES = ("exact", "pad-average")
@@ -47,22 +47,17 @@ def check_compatible(adapters: list[Adapter], names: list[str]) -> None:
 
 def _exact(items: list[tuple[float, LoRAModule]], alpha: float | None = None,
            dtype: torch.dtype = torch.float32) -> LoRAModule:
-    """[A_1; A_2; …] and [w_1 s_1 B_1 | …] stored in `dtype`; given `alpha`, B is also scaled by rank/alpha.
-
-    Each product is computed in fp32 (PyTorch's arithmetic for fp16/bf16 too) and rounded once to `dtype`.
-    """
-    down = torch.cat([m.down.to(dtype) for _, m in items], 0)
+    """[A_1; A_2; …] and [B_1 | B_2 | …] with the per-position factor c = w_i s_i (times rank/alpha, given
+    `alpha`) split between the two (:func:`lora2_train.format.balanced_factors`), computed in fp32 and
+    rounded once to `dtype` (:func:`lora2_train.format.factors_for_dtype`: in fp16 a module too small for
+    the dtype's range keeps a smaller alpha of its own)."""
+    down = torch.cat([m.down.float() for _, m in items], 0)
     rank = down.shape[0]
     alpha = float(rank) if alpha is None else alpha
-    up = torch.cat([_scaled(m.up, w * m.scale * rank / alpha, dtype) for w, m in items], 1)
-    return LoRAModule(down, up, alpha)
-
-
-def _scaled(t: torch.Tensor, c: float, dtype: torch.dtype) -> torch.Tensor:
-    """c·t in `dtype`, multiplied in the wider of the two dtypes and rounded once."""
-    if t.dtype == dtype:
-        return t * c
-    return (t.to(torch.promote_types(t.dtype, dtype)) * c).to(dtype)
+    up = torch.cat([m.up.float() for _, m in items], 1)
+    c = torch.cat([torch.full((m.rank,), w * m.scale * rank / alpha) for w, m in items])
+    down, up = balanced_factors(down, up, c)
+    return LoRAModule(*factors_for_dtype(down, up, alpha, dtype))
 
 
 def _pad_average(items: list[tuple[float, LoRAModule]]) -> LoRAModule:
@@ -82,8 +77,8 @@ def merge(adapters: list[Adapter], weights: list[float] | None = None, mode: str
 
     weights default to 1 each for ``exact`` (the sum, as kohya's merge) and 1/N for ``pad-average``.
     `rank`/`energy` re-compress the exact merge by SVD (see :func:`lora2_train.tools.resize`).
-    `dtype`: what the exact merge's factors are stored in — the dtype they will be saved in, to skip a
-    round trip through fp32 (the products are computed in fp32 either way).
+    `dtype`: what the exact merge's factors are stored in — the dtype they will be saved in (the scales are
+    split between the two factors and applied in fp32 either way, so a 16-bit file keeps ΔW's precision).
     """
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -115,4 +110,6 @@ def merge(adapters: list[Adapter], weights: list[float] | None = None, mode: str
     meta = {k: v for k, v in base.items() if k.startswith(("ss_base_model", "modelspec.", "ss_network_module"))}
     order = "svd" if recompress else "none"
     merged = json.dumps({"mode": mode, "weights": weights, "inputs": names, "rank": rank, "energy": energy})
-    return with_rank_metadata(Adapter(uniform_alpha(modules), meta, "lora2"), lora2_order=order, lora2_merge=merged)
+    if alpha is None:  # (an exact merge has the file's alpha folded in already; cast modules keep theirs)
+        modules = uniform_alpha(modules)
+    return with_rank_metadata(Adapter(modules, meta, "lora2"), lora2_order=order, lora2_merge=merged)

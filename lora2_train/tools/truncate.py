@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 import math
 
-from ..format import Adapter, LoRAModule, with_rank_metadata
+from ..format import Adapter, LoRAModule, balanced_factors, with_rank_metadata
 from .svd import svd_ordered
 
 
@@ -30,12 +30,16 @@ def live_rank(m: LoRAModule, k: int) -> int:
 
 
 def keep_first(m: LoRAModule, k: int, alpha: float) -> LoRAModule:
-    """The first k ≤ r positions, carrying `alpha`: up is rescaled by (alpha_m·k/r)/alpha, so alpha/rank of
-    the kept positions is unchanged.  Without a rescale the factors are views of `m`'s (writers copy them)."""
+    """The first k ≤ r positions, carrying `alpha`: the factor (alpha_m·k/r)/alpha goes into up (fp32 factors;
+    a 16-bit writer balances them, :func:`lora2_train.format.factors_for_dtype`) or, for 16-bit factors, is
+    split between the two (:func:`lora2_train.format.balanced_factors`), so alpha/rank of the kept positions
+    is unchanged.  Without a rescale the factors are views of `m`'s (writers copy them)."""
     kept_alpha = m.alpha * k / m.rank
     down = m.down if k == m.rank else m.down[:k]
     if alpha == kept_alpha:
         return m if k == m.rank else LoRAModule(down, m.up[:, :k], kept_alpha)
+    if m.up.dtype.itemsize < 4:  # 16-bit factors: rescaled in fp32, split between the two (the writer rounds once)
+        return LoRAModule(*balanced_factors(down, m.up[:, :k], kept_alpha / alpha), float(alpha))
     return LoRAModule(down, m.up[:, :k] * (kept_alpha / alpha), float(alpha))
 
 
