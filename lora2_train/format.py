@@ -5,7 +5,8 @@ Keys per module ``<name>``: ``<name>.lora_down.weight`` (D×in[×k×k]),
 alpha/D · up @ down).  Files we train (and the SVD, merge and truncate tools)
 give every module the same alpha = max rank (= ``ss_network_alpha``), with s·Λ and
 the factor D/alpha split between ``lora_down`` and ``lora_up`` (balanced factors, so fp16 files keep
-their precision): loaders that assume one alpha per file
+their precision; in fp16 a module whose balanced factors would still fall below fp16's normal range gets
+factors·2^k and its own alpha·4^-k, :func:`factors_for_dtype`): loaders that assume one alpha per file
 (diffusers) then scale every module correctly, and the others read per-module
 alphas anyway.  Positions stay in importance order: the first k positions of
 a module are its k most important directions (``lora2_order`` says which order
