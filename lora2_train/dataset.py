@@ -204,6 +204,38 @@ def from_images(images: torch.Tensor, captions: str = "", resolution=None, insta
     return [to_example(images[i].clamp(0.0, 1.0), caps[i], f"batch[{i}]", resolution, buckets) for i in range(b)]
 
 
+def from_image_batches(batches, captions="", resolution=None, instance_prompt: str = "",
+                       buckets=None) -> list[Example]:
+    """Examples from one image batch or a list of them (ComfyUI's image-list nodes) with one caption string or
+    one per batch (:func:`from_images` each; examples of batch i are named ``images[i]``)."""
+    batches = list(batches) if isinstance(batches, (list, tuple)) else [batches]
+    caps = list(captions) if isinstance(captions, (list, tuple)) else [captions]
+    if len(batches) == 1:
+        return from_images(batches[0], caps[0] if len(caps) == 1 else "\n".join(caps), resolution,
+                           instance_prompt, buckets)
+    if len(caps) not in (1, len(batches)):
+        raise DatasetError(f"captions: {len(caps)} captions for {len(batches)} images; give one per image or one "
+                           f"for all")
+    out = []
+    for i, batch in enumerate(batches):
+        for ex in from_images(batch, caps[i if len(caps) > 1 else 0], resolution, instance_prompt, buckets):
+            ex.source = f"images[{i}]"
+            out.append(ex)
+    return out
+
+
+def write_image_folder(examples: list[Example], folder: str | os.PathLike) -> str:
+    """The examples as a kohya-style image folder: ``00000.png`` (8-bit RGB) + ``00000.txt`` (its caption)."""
+    from PIL import Image
+
+    for i, ex in enumerate(examples):
+        arr = (ex.image.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
+        Image.fromarray(arr).save(os.path.join(folder, f"{i:05d}.png"))
+        with open(os.path.join(folder, f"{i:05d}.txt"), "w", encoding="utf-8") as f:
+            f.write(ex.caption)
+    return str(folder)
+
+
 def stack(examples: list[Example], channels_last: bool = True) -> torch.Tensor:
     """The images (all of one size) as one batch: (N, H, W, 3) when `channels_last` (ComfyUI IMAGE), else
     (N, 3, H, W)."""

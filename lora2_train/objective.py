@@ -47,6 +47,17 @@ class DDPMSchedule:
             alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod)
         self.alphas_cumprod = alphas_cumprod.float()
 
+    @classmethod
+    def from_sigmas(cls, sigmas: torch.Tensor | None) -> "DDPMSchedule":
+        """The schedule of a discrete sampler's σ_t (k-diffusion's form, σ_t² = (1−ᾱ_t)/ᾱ_t):
+        ᾱ_t = 1/(1+σ_t²), T = len(σ); None: the default SDXL schedule."""
+        schedule = cls()
+        if sigmas is not None:
+            sigmas = sigmas.detach().float().cpu().clone()
+            schedule.alphas_cumprod = 1.0 / (1.0 + sigmas ** 2)
+            schedule.num_timesteps = int(sigmas.shape[0])
+        return schedule
+
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """SNR_t = ᾱ_t / (1 − ᾱ_t) (float32; ∞ never occurs since ᾱ_t < 1)."""
         a = self.alphas_cumprod.to(t.device)[t].float()

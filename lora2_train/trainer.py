@@ -77,6 +77,14 @@ class ProgressEvent:
     grad_norm: float = float("nan")  # gradient norm before clipping (nan when clipping is off)
 
 
+def history_point(ev: ProgressEvent, resize_every: int) -> dict | None:
+    """The rank history's point of a step, or None: the first step, steps that re-allocated or fall on the
+    re-allocation period, and the last step keep ``{"step", "ranks", "loss"}``."""
+    if ev.step == 1 or ev.resized or ev.step % resize_every == 0 or ev.step == ev.total:
+        return {"step": ev.step, "ranks": dict(ev.ranks), "loss": float(ev.loss)}
+    return None
+
+
 @dataclass
 class TrainResult:
     steps: int

@@ -109,8 +109,12 @@ def test_cli_exact_paths_stay_exact_in_fp32(source):
     merged = run(folder, path, "merge", "fp32")
     assert max(rel_errors(merged, a).values()) <= 1e-6  # 0.5·ΔW + 0.5·ΔW = ΔW
     padded = run(folder, path, "pad", "fp32")
-    for k, m in a.modules.items():
-        assert torch.equal(padded.modules[k].delta_weight(), m.delta_weight()), k
+    for k, m in a.modules.items():  # the same entries, zeros appended, the same alpha/rank: ΔW exact
+        p, r = padded.modules[k], m.rank  # (ΔW's matmul sums over another inner size: compared to rounding)
+        assert torch.equal(p.down[:r], m.down) and torch.equal(p.up[:, :r], m.up), k
+        assert not p.down[r:].any() and not p.up[:, r:].any(), k
+        assert p.alpha / p.rank == m.alpha / m.rank, k
+    assert max(rel_errors(padded, a).values()) <= 1e-6
     # one alpha for the file (the largest rank) wherever the dtype has the range for it
     for command in ("merge", "truncate", "resize"):
         out = run(folder, path, command, "fp32")

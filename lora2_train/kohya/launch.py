@@ -189,6 +189,19 @@ VRAM_PRESETS = {
 }
 
 
+def training_options(config: LoRA2Config) -> dict:
+    """The training controls of `config` as sd-scripts options (the same names; ``mse`` is sd-scripts'
+    ``l2``, and its Huber threshold is held constant as in the embedded trainer)."""
+    opts = {"gradient_accumulation_steps": config.gradient_accumulation_steps,
+            "max_grad_norm": config.max_grad_norm, "lr_scheduler": config.lr_scheduler,
+            "lr_warmup_steps": config.lr_warmup_steps or None,
+            "min_snr_gamma": config.min_snr_gamma or None, "noise_offset": config.noise_offset or None,
+            "loss_type": {"mse": "l2", "huber": "huber"}[config.loss_type]}
+    if config.loss_type == "huber":
+        opts.update(huber_c=config.huber_c, huber_schedule="constant")
+    return opts
+
+
 def vram_preset(name: str) -> dict:
     """The settings of a VRAM preset (a copy); one-line ValueError naming the presets for another name."""
     if name not in VRAM_PRESETS:

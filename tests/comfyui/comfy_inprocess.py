@@ -22,6 +22,15 @@ SDXL_UNET = {
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
 
+#: a small random SDXL-architecture U-Net (width 32, one transformer block per level) for in-process training
+TINY_SDXL_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 2816, "dtype": torch.float32, "in_channels": 4,
+    "model_channels": 32, "num_res_blocks": [1, 1, 1], "transformer_depth": [0, 1, 1], "channel_mult": [1, 2, 2],
+    "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 16,
+    "transformer_depth_output": [0, 0, 1, 1, 1, 1], "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
 
 def start_script(argv):
     """The start of an in-process Train-node script run as ``script COMFYUI_DIR WORK_DIR``: ComfyUI first on

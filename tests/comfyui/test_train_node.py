@@ -104,3 +104,22 @@ def test_embedded_training_of_the_text_encoders(comfyui_dir, tmp_path):
     # latents + positive (conditioning encoded before the node) with text-encoder targets: one line, nothing written
     assert f["refusal"].startswith("target_modules: text-encoder targets recompute the captions' conditioning")
     assert "\n" not in f["refusal"] and f["refused_nothing_written"]
+
+
+SPLIT_SCRIPT = Path(__file__).with_name("train_node_split_inprocess.py")
+#: the adapter the one-node Train LoRA² trained with the script's settings before the settings nodes existed
+#: (sha256 of its tensors; torch 2.14.1 on an AVX512 CPU)
+BEFORE_SPLIT = {("2.14.1", "AVX512"): "e267c4572a21a72f9e63effc6acda69c124e74bd5ce30adc949f85a7e49206b0"}
+
+
+def test_settings_nodes_train_the_adapter_of_the_one_node_version(comfyui_dir, tmp_path):
+    r = subprocess.run([sys.executable, str(SPLIT_SCRIPT), str(comfyui_dir), str(tmp_path)], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    f = json.loads(r.stdout.strip().splitlines()[-1])
+    # the same settings on the earlier all-inputs node and on the new node + settings nodes: the same bits
+    assert f["split"] == f["legacy"]
+    # and the bits the node trained before the split, where the arithmetic is the same (torch, CPU kernels)
+    before = BEFORE_SPLIT.get((f["torch"].split("+")[0], f["cpu"]))
+    if before is not None:
+        assert f["legacy"] == before

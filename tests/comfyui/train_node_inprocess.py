@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-from comfy_inprocess import import_pack, start_script  # (this script's own folder is on sys.path)
+from comfy_inprocess import TINY_SDXL_UNET, import_pack, start_script  # (this script's own folder is on sys.path)
 
 _, work, loras = start_script(sys.argv)
 
@@ -26,12 +26,7 @@ train_mod = import_pack(ROOT)
 from lora2_train.config import LoRA2Config  # noqa: E402
 from lora2_train.format import load_adapter, output_path  # noqa: E402
 
-UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-        "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "dtype": torch.float32,
-        "in_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1, 1], "transformer_depth": [0, 1, 1],
-        "channel_mult": [1, 2, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": True,
-        "context_dim": 2048, "num_head_channels": 16, "transformer_depth_output": [0, 0, 1, 1, 1, 1],
-        "use_temporal_attention": False, "use_temporal_resblock": False}
+UNET = TINY_SDXL_UNET
 
 torch.manual_seed(0)
 with torch.inference_mode():  # ComfyUI executes every node, checkpoint loading included, in inference mode

@@ -16,7 +16,7 @@ import os
 import re
 import sys
 
-from comfy_inprocess import import_pack, start_script  # (this script's own folder is on sys.path)
+from comfy_inprocess import TINY_SDXL_UNET, import_pack, start_script  # (this script's own folder is on sys.path)
 
 _, work, loras = start_script(sys.argv)
 
@@ -37,12 +37,7 @@ from lora2_train.format import load_adapter  # noqa: E402
 from lora2_train.trainer import Trainer  # noqa: E402
 
 L_WIDTH, G_WIDTH = 64, 128  # CLIP-L / CLIP-G hidden sizes: context 192, pooled 128 → ADM 128 + 6·256
-UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-        "legacy": False, "num_classes": "sequential", "adm_in_channels": G_WIDTH + 1536, "dtype": torch.float32,
-        "in_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1, 1], "transformer_depth": [0, 1, 1],
-        "channel_mult": [1, 2, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": True,
-        "context_dim": L_WIDTH + G_WIDTH, "num_head_channels": 16, "transformer_depth_output": [0, 0, 1, 1, 1, 1],
-        "use_temporal_attention": False, "use_temporal_resblock": False}
+UNET = dict(TINY_SDXL_UNET, adm_in_channels=G_WIDTH + 1536, context_dim=L_WIDTH + G_WIDTH)
 
 
 def clip_config(name, width, act):
