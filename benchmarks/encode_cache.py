@@ -4,7 +4,8 @@ second run that reads it, in one process, on the same images.
 ComfyUI's own VAE and CLIP (SDXL's full-size VAE, CLIP-L and CLIP-G, random weights) come from the random-weight
 KOALA-700M test checkpoint (written into the test cache on first use, like the end-to-end tests do), loaded by
 ComfyUI's checkpoint loader; the images are random, at the given resolution, each with its own caption.  Each
-repeat times, on fresh cache folders and in alternating order, the node's encoding step (``TrainLoRA2._encode``:
+repeat times, on fresh cache folders and in alternating order, the node's encoding step
+(``nodes.train.encode.encode_examples``:
 VAE latents, caption embeddings, SDXL size conditioning) three ways:
 
 * ``no_cache``: ``cache_to_disk`` off — what every run paid before the cache;
@@ -57,8 +58,7 @@ def main(pack):
     from lora2_train.cache import EncodeCache
     from lora2_train.dataset import to_example
 
-    train_mod = sys.modules[f"{pack.__name__}.nodes.train"]
-    node = train_mod.TrainLoRA2()
+    encode_examples = sys.modules[f"{pack.__name__}.nodes.train.encode"].encode_examples
     base = _model.model
     g = torch.Generator().manual_seed(0)
     examples = [to_example(torch.rand(3, args.resolution, args.resolution, generator=g),
@@ -68,7 +68,7 @@ def main(pack):
     def encode(root):
         cache = EncodeCache(root)
         t0 = time.perf_counter()
-        data = node._encode(base, clip, vae, examples, seed=0, cache=cache)
+        data = encode_examples(base, clip, vae, examples, seed=0, cache=cache)
         return time.perf_counter() - t0, data, cache.report()
 
     def same(a, b):

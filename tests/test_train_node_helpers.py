@@ -7,6 +7,9 @@ import torch
 
 from tests_helpers import pack_module
 
+from lora2_train.dataset import write_image_folder
+from lora2_train.kohya.launch import training_options
+
 
 @pytest.fixture
 def train_mod():
@@ -17,7 +20,7 @@ def train_mod():
 def test_inputs_cover_the_paper_hyperparameters_and_presets(train_mod):
     from lora2_train.config import TARGET_PRESETS
 
-    spec = train_mod.TrainLoRA2.INPUT_TYPES()
+    spec = train_mod.TrainLoRA2Legacy.INPUT_TYPES()  # every training input, on the one-node version
     req, opt = spec["required"], spec["optional"]
     for name in ("model", "clip", "vae", "dataset_path", "instance_prompt", "steps", "learning_rate",
                  "nu_learning_rate", "r_init", "r_max", "r_target", "q", "lambda_r", "lambda_e", "seed", "resolution",
@@ -39,6 +42,7 @@ def test_inputs_cover_the_paper_hyperparameters_and_presets(train_mod):
     assert train_mod.TrainLoRA2.RETURN_TYPES == ("MODEL", "CLIP", "LORA2", "LORA2_HISTORY", "STRING", "IMAGE")
     # appended: links to the first four keep their slots
     assert train_mod.TrainLoRA2.RETURN_NAMES[4:] == ("info", "samples")
+    assert train_mod.TrainLoRA2Legacy.RETURN_TYPES == train_mod.TrainLoRA2.RETURN_TYPES
     # the training controls, buckets and ComfyUI dataset inputs are optional, so older workflows still run
     defaults = {"gradient_accumulation_steps": 1, "max_grad_norm": 1.0, "lr_scheduler": "constant",
                 "lr_warmup_steps": 0, "min_snr_gamma": 0.0, "noise_offset": 0.0, "loss_type": "mse", "huber_c": 0.1,
@@ -58,12 +62,12 @@ def test_sample_files_become_one_image_batch(train_mod, tmp_path):
     64×64 placeholder (no samples asked for)."""
     from PIL import Image
 
-    empty = train_mod.images_tensor([])
+    empty = train_mod.samples.images_tensor([])
     assert empty.shape == (1, 64, 64, 3) and empty.abs().sum() == 0
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     Image.new("RGB", (48, 32), (255, 0, 0)).save(a)
     Image.new("RGB", (24, 16), (0, 0, 255)).save(b)
-    batch = train_mod.images_tensor([a, b])
+    batch = train_mod.samples.images_tensor([a, b])
     assert batch.shape == (2, 32, 48, 3) and batch.dtype == torch.float32
     assert batch[0, ..., 0].min() == 1.0 and batch[1, ..., 2].min() == 1.0 and batch[1, ..., 0].max() == 0.0
 
@@ -73,7 +77,7 @@ def test_image_batch_becomes_an_image_folder_with_captions(train_mod, tmp_path):
 
     imgs = torch.rand(2, 40, 48, 3)
     ex = from_images(imgs, "first | second", 32)
-    train_mod._write_image_folder(ex, str(tmp_path))
+    write_image_folder(ex, str(tmp_path))
     back = load_folder(tmp_path, 32, instance_prompt="unused")
     assert [e.caption for e in back] == ["first", "second"]
     for a, b in zip(ex, back):
@@ -84,19 +88,75 @@ def test_block_means_for_the_live_chart(train_mod):
     ranks = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": 4,
              "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_k": 12,
              "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_v": 8}
-    assert train_mod._block_means(ranks) == {"down.4": 8.0, "mid": 8.0}
+    assert train_mod.progress.block_means(ranks) == {"down.4": 8.0, "mid": 8.0}
 
 
-def test_python_defaults_equal_the_widget_defaults(train_mod):
-    """A prompt in API format may leave an optional input out: it must then get the widget's default."""
-    import inspect
+def test_unconnected_settings_are_the_widget_defaults_and_those_of_lora2config(train_mod):
+    """A settings node left unconnected (or an API prompt without it) gives its widgets' defaults, and those are
+    LoRA2Config's wherever it has the field."""
+    from lora2_train.config import LoRA2Config
 
+    S = train_mod.settings
+    values = S.merged({}, {})
+    every = train_mod.node.all_inputs()
+    assert set(values) == set(every) - set(S.essential_inputs())
+    for name, decl in every.items():
+        if name in values:
+            assert values[name] == (decl[1].get("default") if len(decl) > 1 else None), name
+    d = LoRA2Config()
+    fields = {"q": d.q, "r_init": d.r_init, "lambda_r": d.lambda_r, "lambda_e": d.lambda_e, "beta": d.beta,
+              "nu_learning_rate": d.nu_lr, "rank_block": d.rank_block, "resize_every": d.resize_every,
+              "lr_scheduler": d.lr_scheduler, "max_grad_norm": d.max_grad_norm, "huber_c": d.huber_c,
+              "loss_type": d.loss_type, "text_encoder_lr": d.text_encoder_lr}
+    assert {k: values[k] for k in fields} == fields
+    ess = S.essential_inputs()
+    assert (ess["learning_rate"][1]["default"], ess["r_target"][1]["default"], ess["r_max"][1]["default"]) == (
+        d.lr, d.r_target, d.r_max)
+    # node-only defaults: gradient checkpointing on (SDXL at 1024²), AdamW, bf16 for sd-scripts
+    assert (values["gradient_checkpointing"], values["optimizer"], values["mixed_precision"]) == (True, "adamw",
+                                                                                                 "bf16")
+    # a settings value of the wrong kind is refused in one line
+    rank = train_mod.RankSettings().settings(**train_mod.RankSettings.defaults())[0]
+    with pytest.raises(ValueError, match="input 'training_settings' takes a LORA2_TRAINING_SETTINGS value"):
+        S.merged({}, {"training_settings": rank})
+    assert S.merged({}, {"rank_settings": dict(rank, beta=7.0)})["beta"] == 7.0
+
+
+def test_main_node_shows_the_essentials_each_with_a_tooltip(train_mod):
     spec = train_mod.TrainLoRA2.INPUT_TYPES()
-    params = inspect.signature(train_mod.TrainLoRA2.train).parameters
-    for name, decl in spec["optional"].items():
-        if len(decl) > 1 and "default" in decl[1] and params[name].default is not inspect.Parameter.empty:
-            assert params[name].default == decl[1]["default"], name
-    assert params["gradient_checkpointing"].default is True
+    widgets = [k for k, v in spec["required"].items() if k not in ("model", "clip", "vae")]
+    assert len(widgets) <= 15
+    assert {"dataset_path", "steps", "learning_rate", "r_target", "r_max", "seed", "output_name",
+            "backend"} <= set(widgets)
+    assert all(spec["required"][k][1].get("tooltip") for k in widgets)
+    assert {k: v[0] for k, v in spec["optional"].items()} == {
+        "rank_settings": "LORA2_RANK_SETTINGS", "training_settings": "LORA2_TRAINING_SETTINGS",
+        "dataset": "LORA2_DATASET", "samples": "LORA2_SAMPLES", "sd_scripts": "LORA2_SD_SCRIPTS"}
+    for node in train_mod.settings.SETTINGS.values():  # every settings widget explains itself too
+        decl = node.INPUT_TYPES()
+        for group in decl.values():
+            for name, d in group.items():
+                assert len(d) > 1 and d[1].get("tooltip"), (node.__name__, name)
+        assert node.RETURN_TYPES == (node.KIND,)
+    # every input of the one-node version is on the main node or exactly one settings node
+    homes = [set(train_mod.settings.essential_inputs())] + [set(n.defaults()) for n in
+                                                             train_mod.settings.SETTINGS.values()]
+    legacy = train_mod.TrainLoRA2Legacy.INPUT_TYPES()
+    for name in [*legacy["required"], *legacy["optional"]]:
+        if name not in ("model", "clip", "vae"):
+            assert sum(name in h for h in homes) == 1, name
+
+
+def test_legacy_node_keeps_the_widget_order_of_saved_workflows(train_mod):
+    spec = train_mod.TrainLoRA2Legacy.INPUT_TYPES()
+    assert list(spec["required"]) == ["model", "clip", "vae", "dataset_path", "instance_prompt", "steps",
+                                      "learning_rate", "nu_learning_rate", "r_init", "r_max", "r_target", "q",
+                                      "lambda_r", "lambda_e", "seed", "resolution", "batch_size", "target_modules",
+                                      "backend", "output_name"]
+    assert list(spec["optional"])[:6] == ["images", "captions", "sd_scripts_path", "python_path",
+                                          "base_checkpoint", "resume_from"]
+    assert list(spec["optional"])[-3:] == ["latents", "positive", "beta"]
+    assert train_mod.TrainLoRA2Legacy.DEPRECATED is True and train_mod.TrainLoRA2Legacy.INPUT_IS_LIST is True
 
 
 def test_taken_output_names_get_a_counter(train_mod, tmp_path):
@@ -121,7 +181,7 @@ def test_info_line_names_the_file_and_why(train_mod, tmp_path):
             return {"peak_memory_mb": 1234.5}
 
     out = tmp_path / "lora2_sdxl_2.safetensors"
-    line = train_mod._info_line(out, "lora2_sdxl", ad, [{"step": 10, "loss": 0.125}], Run())
+    line = train_mod.progress.info_line(out, "lora2_sdxl", ad, [{"step": 10, "loss": 0.125}], Run())
     assert line == ("saved lora2_sdxl_2.safetensors (lora2_sdxl.safetensors was taken): 1 modules, 56 parameters, "
                     "10 steps, last loss 0.125; snapshots lora2_sdxl_2_step5.safetensors; peak GPU memory 1234 MiB")
     assert "\n" not in line
@@ -145,48 +205,58 @@ def test_latents_and_conditioning_of_comfyui_dataset_nodes(train_mod):
     # MakeTrainingDataset: one LATENT (batch 1) and one CONDITIONING per image, sizes may differ
     lats = [{"samples": torch.randn(1, 4, 8, 8, generator=g)}, {"samples": torch.randn(1, 4, 8, 12, generator=g)},
             {"samples": torch.randn(1, 4, 8, 8, generator=g)}]
-    data = train_mod._data_from_latents(_FakeBase(), lats, [[c] for c in cond])
+    data = train_mod.data.data_from_latents(_FakeBase(), lats, [[c] for c in cond])
     assert len(data) == 3 and data[1]["latents"].shape == (4, 8, 12)
     assert torch.equal(data[1]["latents"], lats[1]["samples"][0] * 2)
     assert torch.equal(data[2]["cond"]["context"], cond[2][0][0])
     assert data[1]["cond"]["y"].tolist()[3:] == [64.0, 96.0, 0.0, 0.0, 64.0, 96.0]  # sizes of the latent × 8
     # ResolutionBucket: one LATENT batch per bucket with a flat list of one entry per sample
     bucket = [{"samples": torch.randn(2, 4, 8, 8, generator=g)}]
-    data = train_mod._data_from_latents(_FakeBase(), bucket, [[cond[0], cond[1]]])
+    data = train_mod.data.data_from_latents(_FakeBase(), bucket, [[cond[0], cond[1]]])
     assert [torch.equal(d["cond"]["context"], c[0][0]) for d, c in zip(data, cond[:2])] == [True, True]
     # a plain LATENT batch with one CONDITIONING for all (CLIPTextEncodeSDXL sizes are used)
     sdxl = [[torch.randn(1, 5, 8), {"pooled_output": torch.randn(1, 3), "width": 1024, "height": 768}]]
-    data = train_mod._data_from_latents(_FakeBase(), {"samples": torch.randn(3, 4, 8, 8)}, sdxl)
+    data = train_mod.data.data_from_latents(_FakeBase(), {"samples": torch.randn(3, 4, 8, 8)}, sdxl)
     assert len(data) == 3 and data[0]["cond"]["y"].tolist()[3:5] == [768.0, 1024.0]
     for bad, match in [((lats, None), "positive: latents need"), ((lats, [[c] for c in cond[:2]]),
                                                                   "2 conditionings for 3"),
                        (([{"x": 1}], cond), "LATENT"), ((bucket, [cond[:3]]), "3 entries for 2"),
                        ((lats[:1], [[[torch.zeros(1, 5, 8), {}]]]), "pooled_output")]:
         with pytest.raises(ValueError, match=match):
-            train_mod._data_from_latents(_FakeBase(), *bad)
+            train_mod.data.data_from_latents(_FakeBase(), *bad)
 
 
 def test_run_unwraps_comfyui_lists(train_mod):
+    (d,) = train_mod.DatasetSettings().run(images=[None], captions=["a"], latents=[{"samples": 1}, {"samples": 2}],
+                                           positive=[None], aspect_buckets=[True])
+    assert d == {"settings": "LORA2_DATASET", "images": None, "captions": "a",
+                 "latents": [{"samples": 1}, {"samples": 2}], "positive": None, "aspect_buckets": True}
+    with pytest.raises(ValueError, match="'aspect_buckets' got a list of 2"):
+        train_mod.DatasetSettings().run(aspect_buckets=[True, False])
     seen = {}
-    node = train_mod.TrainLoRA2()
-    node.train = lambda **kw: seen.update(kw)
-    node.run(steps=[5], output_name=["x"], images=[None], captions=["a"], latents=[{"samples": 1}, {"samples": 2}],
-             positive=[None], unique_id=["7"])
-    assert seen == {"steps": 5, "output_name": "x", "images": None, "captions": "a",
-                    "latents": [{"samples": 1}, {"samples": 2}], "positive": None, "unique_id": "7"}
+    old = train_mod.request.train
+    train_mod.request.train = lambda model, clip, vae, inputs, unique_id: seen.update(inputs, unique_id=unique_id)
+    try:
+        train_mod.TrainLoRA2Legacy().run(steps=[5], output_name=["x"], images=[None], captions=["a"],
+                                         latents=[{"samples": 1}], positive=[None], unique_id=["7"])
+    finally:
+        train_mod.request.train = old
+    assert (seen["steps"], seen["output_name"], seen["images"], seen["captions"], seen["latents"],
+            seen["positive"], seen["unique_id"]) == (5, "x", None, "a", [{"samples": 1}], None, "7")
+    assert seen["beta"] == train_mod.RankSettings.defaults()["beta"]  # not given: the default
     with pytest.raises(ValueError, match="'steps' got a list of 2"):
-        node.run(steps=[5, 6])
+        train_mod.TrainLoRA2Legacy().run(steps=[5, 6])
 
 
 def test_training_controls_reach_sd_scripts_under_its_names(train_mod):
     from lora2_train.config import LoRA2Config
 
-    assert train_mod._sd_scripts_options(LoRA2Config()) == {
+    assert training_options(LoRA2Config()) == {
         "gradient_accumulation_steps": 1, "max_grad_norm": 1.0, "lr_scheduler": "constant", "lr_warmup_steps": None,
         "min_snr_gamma": None, "noise_offset": None, "loss_type": "l2"}
-    opts = train_mod._sd_scripts_options(LoRA2Config(gradient_accumulation_steps=4, max_grad_norm=0.0,
-                                                     lr_scheduler="cosine", lr_warmup_steps=10, min_snr_gamma=5.0,
-                                                     noise_offset=0.05, loss_type="huber", huber_c=0.2))
+    opts = training_options(LoRA2Config(gradient_accumulation_steps=4, max_grad_norm=0.0, lr_scheduler="cosine",
+                                        lr_warmup_steps=10, min_snr_gamma=5.0, noise_offset=0.05, loss_type="huber",
+                                        huber_c=0.2))
     assert opts == {"gradient_accumulation_steps": 4, "max_grad_norm": 0.0, "lr_scheduler": "cosine",
                     "lr_warmup_steps": 10, "min_snr_gamma": 5.0, "noise_offset": 0.05, "loss_type": "huber",
                     "huber_c": 0.2, "huber_schedule": "constant"}
@@ -196,15 +266,14 @@ def test_image_lists_of_comfyui_dataset_nodes_become_bucketed_examples(train_mod
     """LoadImageTextDataSetFromFolder gives a list of (1, H, W, 3) images of any size and a list of texts."""
     from lora2_train.dataset import DatasetError, bucket_sizes
 
-    node = train_mod.TrainLoRA2()
     images = [torch.rand(1, 40, 100, 3), torch.rand(1, 30, 30, 3)]
     buckets = bucket_sizes(128, 64, 256)
-    ex = node._examples("", images, ["wide one", "square one"], "sks", 128, buckets)
+    ex = train_mod.data.examples("", images, ["wide one", "square one"], "sks", 128, buckets)
     assert [(e.caption, e.target_size, e.original_size, e.source) for e in ex] == [
         ("wide one", (64, 192), (40, 100), "images[0]"), ("square one", (128, 128), (30, 30), "images[1]")]
-    assert {e.caption for e in node._examples("", images, ["same"], "sks", 128, buckets)} == {"same"}
+    assert {e.caption for e in train_mod.data.examples("", images, ["same"], "sks", 128, buckets)} == {"same"}
     with pytest.raises(DatasetError, match="3 captions for 2 images"):
-        node._examples("", images, ["a", "b", "c"], "sks", 128, buckets)
+        train_mod.data.examples("", images, ["a", "b", "c"], "sks", 128, buckets)
 
 
 def test_other_models_are_unloaded_through_model_management(train_mod, monkeypatch):
@@ -217,10 +286,10 @@ def test_other_models_are_unloaded_through_model_management(train_mod, monkeypat
     comfy.model_management = mm
     monkeypatch.setitem(sys.modules, "comfy", comfy)
     monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
-    train_mod._free_memory()
+    train_mod.memory.free_memory()
     assert calls == ["unload", "empty"]
     del mm.soft_empty_cache  # an older ComfyUI without it: the rest still runs
-    train_mod._free_memory()
+    train_mod.memory.free_memory()
     assert calls == ["unload", "empty", "unload"]
 
 
@@ -241,9 +310,9 @@ def test_memory_check_refuses_a_cuda_run_that_cannot_fit_and_skips_the_cpu(train
         raise AssertionError("the CPU is not checked")
 
     cfg = LoRA2Config(r_init=8, r_target=8, r_max=32, batch_size=2, gradient_checkpointing=False)
-    assert train_mod._check_memory(Base(), cfg, 1024 * 1024, "cpu", mem_get_info=no_query) is None
+    assert train_mod.memory.check_memory(Base(), cfg, 1024 * 1024, "cpu", mem_get_info=no_query) is None
     asked = []
-    est = train_mod._check_memory(Base(), cfg, 1024 * 1024, "cuda:0",
+    est = train_mod.memory.check_memory(Base(), cfg, 1024 * 1024, "cuda:0",
                                   mem_get_info=lambda d: (asked.append(str(d)), (40 * GIB, 80 * GIB))[1])
     assert asked == ["cuda:0"]
     # 2 × 1024² pixels × 16 KiB (fp16, no checkpointing) = 32 GiB of activations; 32·128 LoRA parameters × 16 B
@@ -251,9 +320,9 @@ def test_memory_check_refuses_a_cuda_run_that_cannot_fit_and_skips_the_cpu(train
     with pytest.raises(MemoryError, match=r"^Train LoRA² \(SDXL\): this run needs about 32\.0 GiB on cuda:0 .* "
                                           r"only 30\.0 GiB are available; lower batch_size, resolution or r_max .*"
                                           r"gradient_checkpointing on$"):
-        train_mod._check_memory(Base(), cfg, 1024 * 1024, "cuda:0", mem_get_info=lambda d: (30 * GIB, 80 * GIB))
+        train_mod.memory.check_memory(Base(), cfg, 1024 * 1024, "cuda:0", mem_get_info=lambda d: (30 * GIB, 80 * GIB))
     cfg.gradient_checkpointing = True  # 2 × 2.5 GiB: fits
-    assert train_mod._check_memory(Base(), cfg, 1024 * 1024, "cuda", mem_get_info=lambda d: (30 * GIB, 80 * GIB))
+    assert train_mod.memory.check_memory(Base(), cfg, 1024 * 1024, "cuda", mem_get_info=lambda d: (30 * GIB, 80 * GIB))
     # text-encoder targets: the encoders' weights and their targeted Linear layers count too
     te = torch.nn.Module()
     te.add_module("layers", torch.nn.ModuleList([torch.nn.Module()]))
@@ -263,7 +332,7 @@ def test_memory_check_refuses_a_cuda_run_that_cannot_fit_and_skips_the_cpu(train
     te.layers[0].mlp.add_module("fc1", torch.nn.Linear(32, 64, bias=False))  # not a te_attn target
     te_cfg = LoRA2Config(r_init=8, r_target=8, r_max=32, batch_size=2, targets="attn1,te_attn",
                          gradient_checkpointing=True)
-    est = train_mod._check_memory(Base(), te_cfg, 1024 * 1024, "cuda", mem_get_info=lambda d: (30 * GIB, 80 * GIB),
+    est = train_mod.memory.check_memory(Base(), te_cfg, 1024 * 1024, "cuda", mem_get_info=lambda d: (30 * GIB, 80 * GIB),
                                   text_encoders=[te])
     assert est.lora == (32 * 128 + 32 * 96) * 16 and est.weights == (64 * 64 + 2 * 32 * 64) * 4
 
@@ -274,31 +343,31 @@ def test_text_encoder_targets_and_their_learning_rate(train_mod):
     from lora2_train.config import TARGET_PRESETS, ConfigError, LoRA2Config
 
     for name, groups in TARGET_PRESETS.items():  # unchanged meaning
-        assert LoRA2Config(targets=train_mod._targets(name)).targets == groups
-    assert LoRA2Config(targets=train_mod._targets("attn+te_attn")).targets == ("attn1", "attn2", "te_attn")
-    assert LoRA2Config(targets=train_mod._targets("attn+te_attn+te_mlp")).targets == ("attn1", "attn2", "te_attn",
-                                                                                       "te_mlp")
-    opt = train_mod.TrainLoRA2.INPUT_TYPES()["optional"]
+        assert LoRA2Config(targets=train_mod.choices.targets(name)).targets == groups
+    assert LoRA2Config(targets=train_mod.choices.targets("attn+te_attn")).targets == ("attn1", "attn2", "te_attn")
+    assert LoRA2Config(targets=train_mod.choices.targets("attn+te_attn+te_mlp")).targets == (
+        "attn1", "attn2", "te_attn", "te_mlp")
+    opt = train_mod.TrainingSettings.INPUT_TYPES()["required"]
     names = list(opt)
-    assert names[names.index("lr_warmup_steps") + 1] == "text_encoder_lr"
+    assert names[names.index("lr_warmup_steps") + 3] == "text_encoder_lr"
     assert opt["text_encoder_lr"][0] == "FLOAT" and opt["text_encoder_lr"][1]["default"] == 0.0
     assert opt["text_encoder_lr"][1]["min"] == 0.0 and "learning_rate" in opt["text_encoder_lr"][1]["tooltip"]
     with pytest.raises(ConfigError, match="LoRA2Config.text_encoder_lr must be >= 0"):
         LoRA2Config(text_encoder_lr=-1.0)
-    assert not train_mod._trains_text_encoders(LoRA2Config(targets="all"))
-    assert train_mod._trains_text_encoders(LoRA2Config(targets=train_mod._targets("attn+te_attn")))
+    assert not train_mod.text.trains_text_encoders(LoRA2Config(targets="all"))
+    assert train_mod.text.trains_text_encoders(LoRA2Config(targets=train_mod.choices.targets("attn+te_attn")))
 
 
 def test_text_encoder_training_needs_sdxl_s_two_clip_models(train_mod):
     import types
 
     with pytest.raises(ValueError, match="^clip: text-encoder targets need the CLIP input connected$"):
-        train_mod._text_encoders(None)
+        train_mod.text.text_encoders(None)
     refiner = types.SimpleNamespace(cond_stage_model=type("SDXLRefinerClipModel", (), {"clip_g": object()})())
     with pytest.raises(ValueError, match="clip_l, clip_g.*SDXLRefinerClipModel"):
-        train_mod._text_encoders(refiner)
+        train_mod.text.text_encoders(refiner)
     both = types.SimpleNamespace(cond_stage_model=types.SimpleNamespace(clip_l="L", clip_g="G"))
-    assert train_mod._text_encoders(both) == ("L", "G")
+    assert train_mod.text.text_encoders(both) == ("L", "G")
 
 
 def test_text_encoder_lr_reaches_sd_scripts(train_mod, monkeypatch, tmp_path):
@@ -308,8 +377,9 @@ def test_text_encoder_lr_reaches_sd_scripts(train_mod, monkeypatch, tmp_path):
 
     from lora2_train.kohya import launch
 
-    monkeypatch.setitem(sys.modules, "folder_paths", types.SimpleNamespace(get_folder_paths=lambda k: [str(tmp_path)]))
-    monkeypatch.setattr(train_mod, "_Run", lambda node_id, total: None)
+    monkeypatch.setitem(sys.modules, "folder_paths", types.SimpleNamespace(get_folder_paths=lambda k: [str(tmp_path)],
+                                                                           get_filename_list=lambda k: []))
+    monkeypatch.setattr(train_mod.progress, "Run", lambda node_id, total: None)
     seen = []
 
     class Handed(Exception):
@@ -319,16 +389,18 @@ def test_text_encoder_lr_reaches_sd_scripts(train_mod, monkeypatch, tmp_path):
         seen.append(config)
         raise Handed
 
+    monkeypatch.setattr(train_mod.sd_scripts, "train_sd_scripts", backend)
     node = train_mod.TrainLoRA2()
-    node._train_sd_scripts = backend
+    (rank,) = train_mod.RankSettings().settings(nu_learning_rate=1e-2, r_init=8, q=0.9, lambda_r=1.0)
     inputs = dict(model=None, clip=None, vae=None, dataset_path=str(tmp_path), instance_prompt="sks", steps=10,
-                  learning_rate=2e-4, nu_learning_rate=1e-2, r_init=8, r_max=32, r_target=8, q=0.9, lambda_r=1.0,
-                  lambda_e=0.0, seed=0, resolution=512, batch_size=1, backend="sd-scripts", output_name="x")
+                  learning_rate=2e-4, r_max=32, r_target=8, seed=0, resolution=512, batch_size=1,
+                  backend="sd-scripts", output_name="x", rank_settings=rank)
     for targets, groups, te_lr, expected in (("attn+te_attn", "attn1,attn2,te_attn", 5e-5, 5e-5),
                                              ("attn+te_attn+te_mlp", "attn1,attn2,te_attn,te_mlp", 0.0, 2e-4),
                                              ("attn", "attn1,attn2", 5e-5, None)):
         with pytest.raises(Handed):
-            node.train(**inputs, target_modules=targets, text_encoder_lr=te_lr)
+            (training,) = train_mod.TrainingSettings().settings(text_encoder_lr=te_lr)
+            node.train(**inputs, target_modules=targets, training_settings=training)
         config = seen[-1]
         assert config.text_encoder_lr == te_lr
         s = launch.training_settings(tmp_path / "sdxl.safetensors", tmp_path / "d.toml", tmp_path, "x", config,
@@ -343,7 +415,7 @@ def test_text_encoder_lr_reaches_sd_scripts(train_mod, monkeypatch, tmp_path):
 def test_sample_tensors_become_one_image_batch(train_mod):
     """The embedded backend's samples ((H, W, 3) tensors) → one IMAGE batch, other sizes resized to the first."""
     a, b = torch.full((32, 48, 3), 0.25), torch.full((16, 24, 3), 0.75)
-    batch = train_mod.images_tensor([a, b, a])
+    batch = train_mod.samples.images_tensor([a, b, a])
     assert batch.shape == (3, 32, 48, 3)
     assert torch.equal(batch[0], a) and torch.equal(batch[2], a)
     assert torch.allclose(batch[1], torch.full((32, 48, 3), 0.75), atol=1e-5)
@@ -364,7 +436,7 @@ def test_sampling_keeps_the_training_model_loaded(train_mod, monkeypatch):
     mm = types.SimpleNamespace(free_memory=free_memory, current_loaded_models=entries)
     monkeypatch.setitem(sys.modules, "comfy", types.SimpleNamespace(model_management=mm))
     monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
-    with train_mod._keep_loaded(training):
+    with train_mod.memory.keep_loaded(training):
         mm.free_memory(1, "cuda", ["vae"])
         mm.free_memory(1, "cuda")
     assert mm.free_memory is free_memory
@@ -386,9 +458,8 @@ def test_vae_encoding_follows_the_seed_and_leaves_the_global_generator(train_mod
 
     ex = SimpleNamespace(image=torch.rand(3, 64, 64), caption="a", original_size=(64, 64), crop_top_left=(0, 0),
                          target_size=(64, 64))
-    node = train_mod.TrainLoRA2()
-    encode = lambda seed: [d["latents"] for d in node._encode(Base(), None, VAE(), [ex, ex], captions_only=True,
-                                                               seed=seed)]
+    encode = lambda seed: [d["latents"] for d in train_mod.encode.encode_examples(Base(), None, VAE(), [ex, ex],
+                                                                                    captions_only=True, seed=seed)]
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)
@@ -452,11 +523,11 @@ def test_second_encoding_of_the_same_data_comes_from_the_disk_cache(train_mod, t
     another seed, another VAE or CLIP (a LoRA patched in: other outputs) are encoded anew."""
     from lora2_train.cache import EncodeCache
 
-    node, base, exs = train_mod.TrainLoRA2(), _FakeBase(), _examples()
+    base, exs = _FakeBase(), _examples()
 
     def encode(vae, clip, examples=exs, seed=3, root=tmp_path / "cache"):
         cache = EncodeCache(root)
-        data = node._encode(base, clip, vae, examples, seed=seed, cache=cache)
+        data = train_mod.encode.encode_examples(base, clip, vae, examples, seed=seed, cache=cache)
         return data, cache
 
     vae, clip = _FakeVAE(), _FakeCLIP()
@@ -469,7 +540,7 @@ def test_second_encoding_of_the_same_data_comes_from_the_disk_cache(train_mod, t
     assert c2.report() == "latents 3 from cache, 0 encoded; text 2 from cache, 0 encoded"
     assert _same_data(first, second)
     # the same as encoding without any cache
-    assert _same_data(first, node._encode(base, _FakeCLIP(), _FakeVAE(), exs, seed=3))
+    assert _same_data(first, train_mod.encode.encode_examples(base, _FakeCLIP(), _FakeVAE(), exs, seed=3))
 
     changed = _examples()
     changed[1].image[0, 5, 5] += 1 / 255
@@ -484,25 +555,28 @@ def test_second_encoding_of_the_same_data_comes_from_the_disk_cache(train_mod, t
 def test_cache_keeps_two_copies_of_an_image_as_two_draws_and_skips_tokens_it_cannot_key(train_mod, tmp_path):
     from lora2_train.cache import EncodeCache
 
-    node, ex = train_mod.TrainLoRA2(), _examples(1)[0]
-    data = node._encode(_FakeBase(), _FakeCLIP(), _FakeVAE(), [ex, ex], seed=1, cache=EncodeCache(tmp_path))
+    ex = _examples(1)[0]
+    data = train_mod.encode.encode_examples(_FakeBase(), _FakeCLIP(), _FakeVAE(), [ex, ex], seed=1,
+                                            cache=EncodeCache(tmp_path))
     assert not torch.equal(data[0]["latents"], data[1]["latents"])
-    again = node._encode(_FakeBase(), _FakeCLIP(), _FakeVAE(), [ex, ex], seed=1, cache=EncodeCache(tmp_path))
+    again = train_mod.encode.encode_examples(_FakeBase(), _FakeCLIP(), _FakeVAE(), [ex, ex], seed=1,
+                                             cache=EncodeCache(tmp_path))
     assert _same_data(data, again)
     # a token the key cannot hold (an object of some newer ComfyUI): encoded every time, never stored
     odd = _FakeCLIP(token_extra=(object(), 1.0))
-    odd_data = node._encode(_FakeBase(), odd, _FakeVAE(), [ex], seed=1, cache=EncodeCache(tmp_path))
+    odd_data = train_mod.encode.encode_examples(_FakeBase(), odd, _FakeVAE(), [ex], seed=1,
+                                                cache=EncodeCache(tmp_path))
     assert odd.calls == 2 and odd_data[0]["cond"]["context"].shape == (len("caption 0") + 1, 8)
 
 
 def test_cache_to_disk_is_an_input_and_its_report_ends_the_info_line(train_mod, tmp_path):
     from types import SimpleNamespace
 
-    spec = train_mod.TrainLoRA2.INPUT_TYPES()["optional"]["cache_to_disk"]
+    spec = train_mod.DatasetSettings.INPUT_TYPES()["required"]["cache_to_disk"]
     assert spec[0] == "BOOLEAN" and spec[1]["default"] is True
     run = SimpleNamespace(snapshots=[], memory=dict, cache_report="latents 2 from cache, 0 encoded")
     ad = SimpleNamespace(modules={"a": 1}, num_parameters=lambda: 10)
-    line = train_mod._info_line(tmp_path / "x.safetensors", "x", ad, [], run)
+    line = train_mod.progress.info_line(tmp_path / "x.safetensors", "x", ad, [], run)
     assert line == "saved x.safetensors: 1 modules, 10 parameters; latents 2 from cache, 0 encoded"
 
 
@@ -523,12 +597,12 @@ def test_samples_of_a_text_encoder_run_encode_their_prompts_through_the_trained_
             return torch.full((1, 3, 4), v), torch.full((1, 2), v)
 
     text = Text()
-    sampler = train_mod._Sampler(None, None, prompts, None, None, "x", text=text)
+    sampler = train_mod.samples.Sampler(None, None, prompts, None, None, "x", text=text)
     first, second = sampler._conds(), sampler._conds()
     assert text.calls == ["a toy", "blurry", "a cube"] * 2  # every distinct text once per sampling
     pos0, neg0 = first[0]
     assert pos0[0][0].flatten()[0] == 1.0 and neg0[0][0].flatten()[0] == 2.0
     assert second[0][0][0][0].flatten()[0] == 4.0  # encoded anew, not the first sampling's conditioning
     assert pos0[0][1]["width"] == 64 and torch.equal(pos0[0][1]["pooled_output"], torch.full((1, 2), 1.0))
-    plain = train_mod._Sampler(None, None, prompts, "precomputed", None, "x")
+    plain = train_mod.samples.Sampler(None, None, prompts, "precomputed", None, "x")
     assert plain._conds() == "precomputed"

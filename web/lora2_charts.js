@@ -5,7 +5,8 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const TRAIN = "LoRA2Train";
+// the train node, and the all-inputs node of earlier workflows
+const TRAIN_TYPES = ["LoRA2TrainSDXL", "LoRA2Train"];
 const LOAD = "LoRA2LoadAdapter";
 const CHART_H = 230;
 const SAMPLE_H = 96; // row of the newest sample images under the charts, when the run draws samples
@@ -285,7 +286,7 @@ app.registerExtension({
     api.addEventListener("lora2.progress", onProgress);
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name === TRAIN) {
+    if (TRAIN_TYPES.includes(nodeData.name)) {
       chain(nodeType.prototype, "onNodeCreated", function () {
         // the panel as a widget of its own height: the layout keeps that room below the other widgets
         this.addCustomWidget?.({

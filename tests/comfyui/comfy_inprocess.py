@@ -53,7 +53,7 @@ def start_script(argv):
 
 def import_pack(root):
     """This repository imported as the ComfyUI custom-node package ``lora2_pack`` (as ComfyUI loads it);
-    returns its ``nodes.train`` module."""
+    returns its ``nodes.train`` package."""
     import importlib.util
     import os
 

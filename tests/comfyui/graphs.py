@@ -27,16 +27,42 @@ def sample_graph(ckpt_name: str, size: int = 256, steps: int = 2, seed: int = 0,
     return g
 
 
-def train_node(ckpt_loader, dataset_path, name, steps=2, **over):
-    """A Train LoRA² node (embedded backend) fed from checkpoint loader node `ckpt_loader`: small defaults (256²,
-    ranks 8 → ≤ 16, attention), any input replaced through `over`."""
+def _settings_homes() -> dict:
+    """Settings input of the train node → (class_type of its settings node, the inputs that node carries, its
+    required widgets at their defaults)."""
+    from nodes import NODE_CLASS_MAPPINGS
+    from nodes.train import settings as S
+
+    types = {cls: name for name, cls in NODE_CLASS_MAPPINGS.items()}
+    return {socket: (types[node], set(node.defaults()),
+                     {k: v for k, v in node.defaults().items() if k in node.INPUT_TYPES()["required"]})
+            for socket, node in S.SETTINGS.items()}
+
+
+def train_node(node_id: str, ckpt_loader: str, dataset_path, name, steps=2, **over) -> dict:
+    """Train LoRA² (SDXL) as node `node_id`, embedded backend, fed from checkpoint loader node `ckpt_loader`:
+    small defaults (256², ranks 8 → ≤ 16, attention), any input replaced through `over`; inputs that belong on a
+    settings node go to one (ids `node_id` + 1…5, only those needed).  Returns the nodes by id."""
     inputs = {"model": [ckpt_loader, 0], "clip": [ckpt_loader, 1], "vae": [ckpt_loader, 2],
               "dataset_path": str(dataset_path), "instance_prompt": "a photo of sks toy", "steps": steps,
-              "learning_rate": 1e-4, "nu_learning_rate": 1e-2, "r_init": 8, "r_max": 16, "r_target": 4, "q": 0.9,
-              "lambda_r": 1.0, "lambda_e": 0.0, "seed": 0, "resolution": 256, "batch_size": 1,
+              "learning_rate": 1e-4, "r_max": 16, "r_target": 4, "seed": 0, "resolution": 256, "batch_size": 1,
               "target_modules": "attn", "backend": "embedded", "output_name": name}
-    inputs.update(over)
-    return {"class_type": "LoRA2Train", "inputs": inputs}
+    settings = {"rank_settings": {"nu_learning_rate": 1e-2, "r_init": 8, "q": 0.9, "lambda_r": 1.0,
+                                  "lambda_e": 0.0}}
+    homes = _settings_homes()
+    for key, value in over.items():
+        socket = next((sock for sock, (_, keys, _) in homes.items() if key in keys), None)
+        if socket is None:
+            inputs[key] = value
+        else:
+            settings.setdefault(socket, {})[key] = value
+    graph = {node_id: {"class_type": "LoRA2TrainSDXL", "inputs": inputs}}
+    for n, (socket, (class_type, _, required)) in enumerate(homes.items(), 1):
+        if socket in settings:
+            sid = f"{node_id}{n}"
+            graph[sid] = {"class_type": class_type, "inputs": {**required, **settings[socket]}}
+            inputs[socket] = [sid, 0]
+    return graph
 
 
 def rank_chart(train_id: str, chart_id: str, prefix: str = "chart") -> dict:

@@ -86,7 +86,7 @@ class CDP:
 
 
 def progress_script(node_id: int, steps: int, samples: list | None = None) -> str:
-    """Dispatch the messages the training node sends (same shape as nodes/train.py's _Run) into the page;
+    """Dispatch the messages the training node sends (same shape as nodes/train/progress.py's Run) into the page;
     `samples` (image references) ride on the last step's message, as the node sends the newest ones."""
     msgs = [{"node": str(node_id), "total": steps, "status": "started", "step": 0}]
     for s in range(1, steps + 1):
@@ -255,15 +255,15 @@ def test_extension_draws_charts_without_js_errors(comfyui_alive, tmp_path):
     found = run_chromium(tmp_path, comfyui_alive.url, drive, workflow, shot, samples)
     assert our_errors(found["errors"]) == [], found["errors"]
     assert "lora2.charts" in found["extensions"]
-    assert {"LoRA2Train", "LoRA2LoadAdapter", "LoRA2VisualizeRanks"} <= set(found["types"])
+    assert {"LoRA2TrainSDXL", "LoRA2LoadAdapter", "LoRA2VisualizeRanks"} <= set(found["types"])
     assert not found["missing_dialog"]
     assert found["train_state"] == {"points": 40, "step": 40, "blocks": len(BLOCKS), "h": found["train_state"]["h"],
                                     "samples": [[64, 48], [64, 48]]}  # the newest samples, loaded through /view
-    # the node grew room for the chart and the samples below its widgets (and no more: its multiline prompt widget
-    # does not take the panel's room, which would grow the node on every frame)
-    assert found["train_state"]["h"] >= 900 and found["train_h_later"] == found["train_state"]["h"], \
+    # the node grew room for the chart and the samples below its widgets (and no more: the panel does not grow
+    # the node on every frame)
+    assert found["train_state"]["h"] >= 600 and found["train_h_later"] == found["train_state"]["h"], \
         (found["train_state"]["h"], found["train_h_later"])
-    assert "sample_prompts" in found["train_prompt_inputs"] and "lora2_chart" not in found["train_prompt_inputs"]
+    assert "dataset_path" in found["train_prompt_inputs"] and "lora2_chart" not in found["train_prompt_inputs"]
     assert found["load_state"]["name"] == "lora2_sdxl.safetensors"
     assert shot.stat().st_size > 20_000
     if os.environ.get("LORA2_SCREENSHOT"):
@@ -271,7 +271,8 @@ def test_extension_draws_charts_without_js_errors(comfyui_alive, tmp_path):
         shutil.copyfile(shot, REPO / "docs" / "comfyui_train_node.png")
 
 
-@pytest.mark.parametrize("name", ["lora2_load_and_sample", "lora2_visualize", "lora2_pad_and_merge"])
+@pytest.mark.parametrize("name", ["lora2_load_and_sample", "lora2_visualize", "lora2_pad_and_merge",
+                                  "lora2_train_buckets"])
 def test_every_example_workflow_opens_without_js_errors(comfyui_alive, tmp_path, name):
     workflow = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
     shot = tmp_path / f"{name}.png"

@@ -83,7 +83,7 @@ def expected_keys(checkpoint) -> set:
 def test_train_chart_then_load_with_budget_and_sample(comfyui_alive, koala_checkpoint, dataset, loras):
     server, (folder, name) = comfyui_alive, loras
     g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": koala_checkpoint.name}},
-         "20": train_node("1", dataset, name), **rank_chart("20", "30")}
+         **train_node("20", "1", dataset, name), **rank_chart("20", "30")}
     with H.Messages(server) as ws:
         entry = server.run(g, timeout=900)
         time.sleep(0.5)
@@ -147,8 +147,8 @@ def test_embedded_samples_while_training_leave_the_adapter_unchanged(comfyui_ali
     g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": koala_checkpoint.name}},
          "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of sks toy", "clip": ["1", 1]}},
          "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
-         "20": train_node("1", dataset, f"{name}_plain", **same),
-         "21": train_node("1", dataset, f"{name}_sampled", sample_prompts=prompts, sample_every_n_steps=1,
+         **train_node("20", "1", dataset, f"{name}_plain", **same),
+         **train_node("21", "1", dataset, f"{name}_sampled", sample_prompts=prompts, sample_every_n_steps=1,
                           sample_sampler="k_euler_a", **same),
          "22": {"class_type": "SaveImage", "inputs": {"images": ["21", 5], "filename_prefix": f"{name}_samples"}}}
     with H.Messages(server) as ws:
@@ -179,7 +179,7 @@ def test_embedded_samples_while_training_leave_the_adapter_unchanged(comfyui_ali
 def test_cancel_keeps_a_resumable_checkpoint(comfyui_alive, koala_checkpoint, dataset, loras):
     server, (folder, name) = comfyui_alive, loras
     g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": koala_checkpoint.name}},
-         "20": train_node("1", dataset, name, steps=500, resolution=128)}
+         **train_node("20", "1", dataset, name, steps=500, resolution=128)}
     with H.Messages(server) as ws:
         answer = server.queue(g)
         deadline = time.monotonic() + 600
@@ -205,7 +205,7 @@ def test_cancel_keeps_a_resumable_checkpoint(comfyui_alive, koala_checkpoint, da
     assert "cancelled at step" in server.log_tail(200_000)
 
     # the checkpoint is usable: resume it for one more step
-    g["20"] = train_node("1", dataset, name, steps=k + 1, resolution=128, resume_from=ckpt)
+    g.update(train_node("20", "1", dataset, name, steps=k + 1, resolution=128, resume_from=ckpt))
     server.run(g, timeout=600)
     done = load_adapter(folder / f"{name}.safetensors")
     assert done.metadata["lora2_steps"] == str(k + 1)
@@ -215,10 +215,10 @@ def test_missing_dataset_folder_is_a_clear_node_error(comfyui_alive, koala_check
     server = comfyui_alive
     missing = tmp_path / "no_such_folder"
     g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": koala_checkpoint.name}},
-         "20": train_node("1", missing, f"missing_{uuid.uuid4().hex[:8]}")}
+         **train_node("20", "1", missing, f"missing_{uuid.uuid4().hex[:8]}")}
     entry = server.run(g, timeout=600, expect_success=False)
     err = H.execution_error(entry)
-    assert err is not None and err["node_id"] == "20" and err["node_type"] == "LoRA2Train"
+    assert err is not None and err["node_id"] == "20" and err["node_type"] == "LoRA2TrainSDXL"
     assert str(missing) in err["exception_message"] and "does not exist" in err["exception_message"]
     assert "\n" not in err["exception_message"].strip()
 
@@ -239,7 +239,7 @@ def test_second_run_on_the_same_images_reads_latents_and_captions_from_the_disk_
 
     def train(tag):
         gr = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": koala_checkpoint.name}},
-              "20": train_node("1", data, f"{name}_{tag}", steps=1, resolution=128)}
+              **train_node("20", "1", data, f"{name}_{tag}", steps=1, resolution=128)}
         return server.run(gr, timeout=600)["outputs"]["20"]["text"][0]
 
     first = train("a")
@@ -356,13 +356,14 @@ def test_native_dataset_example_workflow_trains(comfyui_alive, koala_checkpoint,
                  *(["ResolutionBucket"] if bucketed else []))
     sub, count = input_folder
     g = json.loads((H.REPO_ROOT / "example_workflows" / "lora2_train_native_dataset_api.json").read_text())
-    assert g["10"]["inputs"]["latents"] == ["3", 0] and g["10"]["inputs"]["positive"] == ["3", 1]
+    assert g["9"]["inputs"]["latents"] == ["3", 0] and g["9"]["inputs"]["positive"] == ["3", 1]
+    assert g["10"]["inputs"]["dataset"] == ["9", 0]
     g["1"]["inputs"]["ckpt_name"] = koala_checkpoint.name
     g["2"]["inputs"]["folder"] = sub
-    g["10"]["inputs"].update(steps=2, r_init=8, r_max=16, r_target=4, output_name=name)
+    g["10"]["inputs"].update(steps=2, r_max=16, r_target=4, output_name=name)
     if bucketed:
         g["4"] = {"class_type": "ResolutionBucket", "inputs": {"latents": ["3", 0], "conditioning": ["3", 1]}}
-        g["10"]["inputs"].update(latents=["4", 0], positive=["4", 1])
+        g["9"]["inputs"].update(latents=["4", 0], positive=["4", 1])
     with H.Messages(server) as ws:
         entry = server.run(g, timeout=900)
         time.sleep(0.5)
@@ -384,7 +385,7 @@ def test_train_from_comfyui_03_dataset_loader(comfyui_alive, koala_checkpoint, i
          "2": {"class_type": "LoadImageTextSetFromFolderNode",
                "inputs": {"folder": sub, "clip": ["1", 1], "resize_method": "Stretch", "width": 128, "height": 128}},
          "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 2]}},
-         "10": train_node("1", "", name, latents=["3", 0], positive=["2", 1]), **rank_chart("10", "20")}
+         **train_node("10", "1", "", name, latents=["3", 0], positive=["2", 1]), **rank_chart("10", "20")}
     with H.Messages(server) as ws:
         entry = server.run(g, timeout=900)
         time.sleep(0.5)
@@ -440,7 +441,7 @@ def test_sd_scripts_backend_inputs_are_checked(comfyui_alive, koala_checkpoint, 
     over = {"backend": "sd-scripts", "sd_scripts_path": str(empty),
             "base_checkpoint": koala_checkpoint.name if case == "no_checkout" else "(none)"}
     g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": koala_checkpoint.name}},
-         "20": train_node("1", dataset, f"sd_{uuid.uuid4().hex[:8]}", **over)}
+         **train_node("20", "1", dataset, f"sd_{uuid.uuid4().hex[:8]}", **over)}
     err = H.execution_error(server.run(g, timeout=600, expect_success=False))
     assert err is not None and err["node_id"] == "20"
     msg = err["exception_message"].strip()
@@ -470,16 +471,17 @@ def test_train_node_at_its_widget_defaults_learns_ragged_ranks(comfyui_alive, ko
     stands in for the default 1e-4 over 400 steps (ρ's rate follows lr: tests/test_scale_free.py checks that
     halving lr and doubling the steps keeps the per-level ranks).  The saved file's ranks differ per module."""
     server, (folder, name) = comfyui_alive, loras
-    inputs = widget_defaults(server, "LoRA2Train")
+    inputs = widget_defaults(server, "LoRA2TrainSDXL")  # no settings node connected: theirs are the defaults
+    rank = widget_defaults(server, "LoRA2RankSettings")
     from lora2_train.config import LoRA2Config
 
     d = LoRA2Config()
-    assert (inputs["r_init"], inputs["r_target"], inputs["lambda_r"], inputs["nu_learning_rate"]) == \
-        (d.r_init, d.r_target, d.lambda_r, d.nu_lr)
+    assert (rank["r_init"], inputs["r_target"], rank["lambda_r"], rank["nu_learning_rate"], rank["beta"]) == \
+        (d.r_init, d.r_target, d.lambda_r, d.nu_lr, d.beta)
     inputs.update({"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset_path": str(dataset),
                    "output_name": name, "steps": 40, "learning_rate": 1e-3, "resolution": 256})
     g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": koala_checkpoint.name}},
-         "20": {"class_type": "LoRA2Train", "inputs": inputs}}
+         "20": {"class_type": "LoRA2TrainSDXL", "inputs": inputs}}
     server.run(g, timeout=1800)
     ad = load_adapter(folder / f"{name}.safetensors")
     ranks = ad.ranks()

@@ -51,7 +51,7 @@ def digest(module):
 
 
 # the trainer's DDPM x_t at timestep t is exactly what ComfyUI's EPS sampling feeds the UNet at σ_t
-schedule = train_mod._schedule_of(base)
+schedule = train_mod.prediction.schedule_of(base)
 x0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
 t = torch.tensor([0, 500, 999])
 sigma = base.model_sampling.sigmas[t]
@@ -62,13 +62,12 @@ schedule_matches = bool(torch.allclose(schedule.add_noise(x0, eps, t), comfy_in,
 before = digest(base)
 unet_before = digest(base.diffusion_model)
 inference_before = all(p.is_inference() for p in base.diffusion_model.parameters())
-node = train_mod.TrainLoRA2()
 config = LoRA2Config(r_init=4, r_target=4, r_max=8, steps=3, resize_every=2, lr=1e-3, checkpoint_every=3)
 out = output_path(loras, "inproc")
-run = train_mod._Run("7", config.steps)
-train_mod._load_for_training(patcher)
+run = train_mod.progress.Run("7", config.steps)
+train_mod.memory.load_for_training(patcher)
 with torch.inference_mode(False), torch.enable_grad():
-    adapter, history = node._run_trainer(base, base.diffusion_model, data, config, out, torch.device("cpu"), "",
+    adapter, history = train_mod.embedded.run_trainer(base, base.diffusion_model, data, config, out, torch.device("cpu"), "",
                                          run)
 after = digest(base)
 saved = load_adapter(out)
@@ -84,13 +83,13 @@ def two_steps(name, ckpt):
     cfg = LoRA2Config(r_init=4, r_target=4, r_max=8, steps=2, resize_every=2, lr=1e-2, nu_lr=0.1,
                       gradient_checkpointing=ckpt)
     with torch.inference_mode(False), torch.enable_grad():
-        ad, _ = node._run_trainer(base, base.diffusion_model, data, cfg, output_path(loras, name),
-                                  torch.device("cpu"), "", train_mod._Run("9", 2))
+        ad, _ = train_mod.embedded.run_trainer(base, base.diffusion_model, data, cfg, output_path(loras, name),
+                                  torch.device("cpu"), "", train_mod.progress.Run("9", 2))
     return ad
 
 
 patched_counts = []
-_enable = train_mod._UNetCall.enable_gradient_checkpointing
+_enable = train_mod.unet.UNetCall.enable_gradient_checkpointing
 
 
 def _counting(self):
@@ -98,9 +97,9 @@ def _counting(self):
     patched_counts.append(len(self._patched))
 
 
-train_mod._UNetCall.enable_gradient_checkpointing = _counting
+train_mod.unet.UNetCall.enable_gradient_checkpointing = _counting
 plain, with_ckpt = two_steps("plain", False), two_steps("ckpt", True)
-train_mod._UNetCall.enable_gradient_checkpointing = _enable
+train_mod.unet.UNetCall.enable_gradient_checkpointing = _enable
 ckpt_diff = max(float((plain.modules[k].up.float() - with_ckpt.modules[k].up.float()).abs().max())
                 for k in plain.modules)
 ckpt_moved = max(float(m.up.float().abs().max()) for m in plain.modules.values())
@@ -112,7 +111,7 @@ config2 = LoRA2Config(r_init=4, r_target=4, r_max=8, steps=5, resize_every=2, lr
 out2 = output_path(loras, "inproc_cancel")
 
 
-class Cancel(train_mod._Run):
+class Cancel(train_mod.progress.Run):
     def step(self, ev):
         super().step(ev)
         if ev.step == 2:
@@ -122,7 +121,7 @@ class Cancel(train_mod._Run):
 interrupted = False
 with torch.inference_mode(False), torch.enable_grad():
     try:
-        node._run_trainer(base, base.diffusion_model, data, config2, out2, torch.device("cpu"), "",
+        train_mod.embedded.run_trainer(base, base.diffusion_model, data, config2, out2, torch.device("cpu"), "",
                           Cancel("8", config2.steps))
     except mm.InterruptProcessingException:
         interrupted = True
@@ -145,24 +144,27 @@ ac[-1] = 4.8973451890853435e-08  # what ComfyUI's zsnr option leaves at the last
 vms.set_sigmas(((1 - ac) / ac).sqrt())
 vpatcher = patcher.clone()
 vpatcher.add_object_patch("model_sampling", vms)
-eps_kind = train_mod._prediction_of(patcher)[:2]
-v_kind = train_mod._prediction_of(vpatcher)[:2]
-v_schedule = train_mod._schedule_of(base, train_mod._prediction_of(vpatcher)[2])
+eps_kind = train_mod.prediction.prediction_of(patcher)[:2]
+v_kind = train_mod.prediction.prediction_of(vpatcher)[:2]
+v_schedule = train_mod.prediction.schedule_of(base, train_mod.prediction.prediction_of(vpatcher)[2])
 
 # the whole node, twice with the same output name, fed latents + conditioning as ComfyUI's dataset nodes give
 # them (INPUT_IS_LIST: every input a list; latents of two sizes), v-prediction with zero terminal SNR
 with torch.inference_mode():
     lat_list = [{"samples": torch.randn(1, 4, 8, 8)}, {"samples": torch.randn(1, 4, 8, 16)}]
     pos_list = [[[torch.randn(1, 77, 2048), {"pooled_output": torch.randn(1, 1280)}]] for _ in range(2)]
+# the train node with its settings nodes (the essentials on it, the rest on Rank / Training Settings and Dataset)
+(rank,) = train_mod.RankSettings().settings(nu_learning_rate=1e-2, r_init=4, q=0.9, lambda_r=1.0, lambda_e=0.0)
+(training,) = train_mod.TrainingSettings().settings(save_every_n_steps=2, gradient_accumulation_steps=2,
+                                                    lr_scheduler="cosine", lr_warmup_steps=1, min_snr_gamma=5.0)
+(dataset,) = train_mod.DatasetSettings().run(latents=lat_list, positive=pos_list)
 inputs = dict(model=vpatcher, clip=None, vae=None, dataset_path="", instance_prompt="", steps=3, learning_rate=1e-3,
-              nu_learning_rate=1e-2, r_init=4, r_max=8, r_target=4, q=0.9, lambda_r=1.0, lambda_e=0.0, seed=0,
-              resolution=64, batch_size=1, target_modules="attn", backend="embedded", output_name="twice",
-              save_every_n_steps=2, gradient_accumulation_steps=2, lr_scheduler="cosine", lr_warmup_steps=1,
-              min_snr_gamma=5.0, unique_id="5")
+              r_max=8, r_target=4, seed=0, resolution=64, batch_size=1, target_modules="attn", backend="embedded",
+              output_name="twice", unique_id="5", rank_settings=rank, training_settings=training, dataset=dataset)
 runs = []
 for _ in range(2):
     with torch.inference_mode():  # as ComfyUI executes nodes
-        res = node.run(**{k: [v] for k, v in inputs.items()}, latents=lat_list, positive=pos_list)
+        res = train_mod.TrainLoRA2().train(**inputs)
     runs.append(res)
 twice = [r["ui"]["lora2_saved"][0] for r in runs]
 unet_kept = digest(base.diffusion_model) == unet_before

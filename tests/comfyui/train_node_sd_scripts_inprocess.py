@@ -42,7 +42,6 @@ from lora2_train.format import output_path  # noqa: E402
 from lora2_train.kohya import launch  # noqa: E402
 
 launch.check_requirements = lambda python, folder: None  # this Python runs the stand-in, not sd-scripts
-node = train_mod.TrainLoRA2()
 
 
 def config(steps):
@@ -51,14 +50,18 @@ def config(steps):
 
 
 def train(name, run, **kw):
-    return node._train_sd_scripts(config(4), output_path(loras, name), data, None, "", "photo of sks", 64, FAKE,
-                                  sys.executable, "sdxl.safetensors", run, **kw)
+    inputs = dict(dataset_path=data, images=None, captions="", instance_prompt="photo of sks", resolution=64,
+                  sd_scripts_path=FAKE, python_path=sys.executable, base_checkpoint="sdxl.safetensors",
+                  num_processes=1, sample_prompts="", sample_every_n_steps=0, sample_sampler="euler_a",
+                  resume_from="")
+    inputs.update(kw)
+    return train_mod.sd_scripts.train_sd_scripts(config(4), output_path(loras, name), inputs, run)
 
 
-PROMPTS = dict(sample_prompts="a dog --w 64 --h 48\n\na cat\n", sample_every=2)
+PROMPTS = dict(sample_prompts="a dog --w 64 --h 48\n\na cat\n", sample_every_n_steps=2)
 
 
-class Cancel(train_mod._Run):
+class Cancel(train_mod.progress.Run):
     def step(self, ev):
         super().step(ev)
         if ev.step == 2:
@@ -78,7 +81,7 @@ note = next((m for m in messages if "cancelled" in m), "")
 state = note.split("set resume_from to ", 1)[1].split(" to continue")[0] if "set resume_from to " in note else ""
 
 
-class Steps(train_mod._Run):
+class Steps(train_mod.progress.Run):
     seen = []
     shown = []  # (step of the message, sample references it carries) for the chart
 
@@ -97,7 +100,7 @@ resumed, resumed_history, samples = train("cut", steps_run, resume_from=state, *
     (None, [], [])
 # what the chart gets: sent with a progress message, or left for the node's final message
 chart = [r for _, refs in Steps.shown for r in refs] + steps_run.take_samples().get("samples", [])
-batch = train_mod.images_tensor(samples)
+batch = train_mod.samples.images_tensor(samples)
 
 print(json.dumps({
     "samples": [os.path.basename(p) for p in samples], "batch_shape": list(batch.shape),

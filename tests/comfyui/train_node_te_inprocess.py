@@ -9,7 +9,6 @@ two captioned images, loads the saved file with the pack's Load LoRA² Adapter n
 findings.
 """
 import copy
-import functools
 import hashlib
 import json
 import os
@@ -32,7 +31,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 train_mod = import_pack(ROOT)
 load_mod = sys.modules["lora2_pack.nodes.load"]
 
-import lora2_train.config as C  # noqa: E402
 from lora2_train.format import load_adapter  # noqa: E402
 from lora2_train.trainer import Trainer  # noqa: E402
 
@@ -117,7 +115,7 @@ with torch.inference_mode():
     ref_cond, ref_pooled = clip.encode_from_tokens(clip.tokenize(CAPTIONS[1]), return_pooled=True)
     ref_y = base.encode_adm(pooled_output=ref_pooled, width=96, height=80, crop_w=8, crop_h=4, target_width=64,
                             target_height=64)
-    text = train_mod._TextConditioning(clip, base, train_mod._text_encoders(clip), CAPTIONS)
+    text = train_mod.text.TextConditioning(clip, base, train_mod.text.text_encoders(clip), CAPTIONS)
     ctx, y = text(torch.tensor([1, 0, 1]), torch.tensor([[80, 96, 4, 8, 64, 64]] * 3), cpu)
 encode_matches = bool(torch.allclose(ctx[0], ref_cond[0], atol=1e-5) and torch.allclose(ctx[2], ref_cond[0])
                       and torch.allclose(y[0], ref_y[0], atol=1e-5) and not torch.allclose(ctx[1], ctx[0]))
@@ -142,7 +140,7 @@ def _recording(self):
 Trainer._make_optimizer = _recording
 # the samples' conditioning: what the trained encoders give for the prompt at each sampling
 sampled = []
-_encode_text = train_mod._TextConditioning.encode_text
+_encode_text = train_mod.text.TextConditioning.encode_text
 
 
 def _recording_text(self, text):
@@ -152,16 +150,16 @@ def _recording_text(self, text):
     return out
 
 
-train_mod._TextConditioning.encode_text = _recording_text
-# re-allocate every 2 steps (the node keeps the library's default of 10) so a 4-step run ends with learned ranks
-C.LoRA2Config = functools.partial(C.LoRA2Config, resize_every=2)
-node = train_mod.TrainLoRA2()
+train_mod.text.TextConditioning.encode_text = _recording_text
+# the one-node version (every input on it, INPUT_IS_LIST); re-allocation every 2 steps (a Rank Settings input)
+# so that a 4-step run ends with learned ranks
+node = train_mod.TrainLoRA2Legacy()
 inputs = dict(model=patcher, clip=clip, vae=TinyVAE(), dataset_path="", instance_prompt="photo of sks toy", steps=4,
               learning_rate=1e-3, nu_learning_rate=2.0, r_init=8, r_max=16, r_target=4, q=0.9, lambda_r=0.0,
               lambda_e=0.0, seed=0, resolution=64, batch_size=2, target_modules="attn+te_attn", backend="embedded",
               output_name="te", text_encoder_lr=3e-3, aspect_buckets=False, gradient_checkpointing=True,
               captions="|".join(CAPTIONS), unique_id="5", sample_prompts=PROBE + " --w 64 --h 64 --s 1",
-              sample_every_n_steps=4)
+              sample_every_n_steps=4, resize_every=2)
 with torch.inference_mode():  # as ComfyUI executes nodes (INPUT_IS_LIST: every input a list)
     res = node.run(**{k: [v] for k, v in inputs.items() if k != "images"}, images=[images])
 saved_name = res["ui"]["lora2_saved"][0]
