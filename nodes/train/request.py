@@ -3,6 +3,7 @@ backend → the saved adapter applied to the MODEL and CLIP, with the node's out
 from __future__ import annotations
 
 from . import choices, embedded, progress, sd_scripts
+from .samples import images_tensor
 
 
 def _preset(inputs: dict) -> bool:
@@ -89,7 +90,5 @@ def train(model, clip, vae, inputs: dict, unique_id=None):
     info = progress.info_line(out, inputs["output_name"], adapter, history, run)
     run.send(status="done", saved=out.name, ranks_by_block=progress.block_means(adapter.ranks()), message=info,
              **run.take_samples(), **run.memory())
-    from .samples import images_tensor
-
     return {"ui": {"lora2_saved": [out.name], "text": [info]},
             "result": (model_out, clip_out, adapter, history, info, images_tensor(samples))}

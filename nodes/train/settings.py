@@ -187,36 +187,25 @@ class _Settings:
         return ({"settings": self.KIND, **values},)
 
 
-class RankSettings(_Settings):
-    KIND = "LORA2_RANK_SETTINGS"
-    RETURN_TYPES = (KIND,)
-    RETURN_NAMES = ("rank_settings",)
-    INPUTS = staticmethod(rank_inputs)
-    DESCRIPTION = "How ranks are learned: starting rank, quantile q, λ_r, λ_e, weight term β, ν learning rate."
+def _settings_node(name: str, kind: str, output: str, inputs, description: str) -> type:
+    """A settings node class: widgets `inputs()` → one `kind` value on output `output`."""
+    return type(name, (_Settings,), {"KIND": kind, "RETURN_TYPES": (kind,), "RETURN_NAMES": (output,),
+                                     "INPUTS": staticmethod(inputs), "DESCRIPTION": description,
+                                     "__doc__": description, "__module__": __name__})
 
 
-class TrainingSettings(_Settings):
-    KIND = "LORA2_TRAINING_SETTINGS"
-    RETURN_TYPES = (KIND,)
-    RETURN_NAMES = ("training_settings",)
-    INPUTS = staticmethod(training_inputs)
-    DESCRIPTION = "Optimizer, precision, schedule, accumulation, clipping, loss, snapshots, resume."
-
-
-class SampleSettings(_Settings):
-    KIND = "LORA2_SAMPLES"
-    RETURN_TYPES = (KIND,)
-    RETURN_NAMES = ("samples",)
-    INPUTS = staticmethod(sample_inputs)
-    DESCRIPTION = "Sample prompts drawn every N steps while training (shown in the chart, returned as samples)."
-
-
-class SdScriptsSettings(_Settings):
-    KIND = "LORA2_SD_SCRIPTS"
-    RETURN_TYPES = (KIND,)
-    RETURN_NAMES = ("sd_scripts",)
-    INPUTS = staticmethod(sd_scripts_inputs)
-    DESCRIPTION = "The sd-scripts backend: checkout, Python, base checkpoint, processes, fp8 / bf16, presets."
+RankSettings = _settings_node(
+    "RankSettings", "LORA2_RANK_SETTINGS", "rank_settings", rank_inputs,
+    "How ranks are learned: starting rank, quantile q, λ_r, λ_e, weight term β, ν learning rate.")
+TrainingSettings = _settings_node(
+    "TrainingSettings", "LORA2_TRAINING_SETTINGS", "training_settings", training_inputs,
+    "Optimizer, precision, schedule, accumulation, clipping, loss, snapshots, resume.")
+SampleSettings = _settings_node(
+    "SampleSettings", "LORA2_SAMPLES", "samples", sample_inputs,
+    "Sample prompts drawn every N steps while training (shown in the chart, returned as samples).")
+SdScriptsSettings = _settings_node(
+    "SdScriptsSettings", "LORA2_SD_SCRIPTS", "sd_scripts", sd_scripts_inputs,
+    "The sd-scripts backend: checkout, Python, base checkpoint, processes, fp8 / bf16, presets.")
 
 
 #: inputs that stay lists (an INPUT_IS_LIST node gets every input as a list)
