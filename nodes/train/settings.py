@@ -2,7 +2,8 @@
 
 Each settings node turns its widgets into one value of its own type (a dict of input name → value) that the
 train node takes on an optional input; an unconnected input means that node's defaults.  The defaults are
-``LoRA2Config``'s where it has the field; node-only ones are stated here.
+``LoRA2Config``'s where it has the field; the node's own differ where a GPU run of SDXL wants it:
+gradient checkpointing on, AdamW, bf16 for sd-scripts, resolution 1024.
 """
 from __future__ import annotations
 
@@ -30,16 +31,16 @@ def essential_inputs() -> dict:
                                     "caption (else the instance prompt). Or connect a LoRA² Dataset"}),
         "instance_prompt": ("STRING", {"default": "photo of sks person", "multiline": False, "tooltip":
                                        "caption of every image without a caption of its own"}),
-        "steps": _i(500, 1, 100000, "optimizer steps"),
+        "steps": _i(D.steps, 1, 100000, "optimizer steps"),
         "learning_rate": _f(D.lr, 1e-7, 1.0, 1e-6, "learning rate of the LoRA weights (the ranks' follows it)"),
         "r_target": _i(D.r_target, 1, 4096, "rank the modules the data does not need settle at (L_reg's rank "
                        "term pulls toward it)"),
         "r_max": _i(D.r_max, 1, 4096, "no module grows beyond this rank"),
-        "seed": _i(0, 0, 0xFFFFFFFF, "seed of everything random in training (data order, noise, new rank "
+        "seed": _i(D.seed, 0, 0xFFFFFFFF, "seed of everything random in training (data order, noise, new rank "
                    "positions, VAE draws)"),
         "resolution": _i(1024, 64, 4096, "training side length; with aspect buckets, the pixel count "
                          "resolution² is kept", step=8),
-        "batch_size": _i(1, 1, 64, "images per optimizer step"),
+        "batch_size": _i(D.batch_size, 1, 64, "images per micro-batch"),
         "target_modules": (choices.presets(), {"default": "attn", "tooltip": "layers that get LoRAs: attn (the "
                            "paper's attention projections), all, or with the text encoders (te_attn, te_mlp)"}),
         "backend": (list(choices.BACKENDS), {"default": "embedded", "tooltip": "embedded: in this ComfyUI "
@@ -66,7 +67,7 @@ def rank_inputs() -> dict:
                                "learning rate"),
         "rank_block": _i(D.rank_block, 1, 256, "ranks move in multiples of this"),
         "resize_every": _i(D.resize_every, 1, 100000, "re-allocate the ranks every N optimizer steps"),
-        "max_params_millions": _f(0.0, 0.0, 10000.0, 0.1, "cap on the LoRA parameters while training, positions "
+        "max_params_millions": _f(D.max_params / 1e6, 0.0, 10000.0, 0.1, "cap on the LoRA parameters while training, positions "
                                   "allotted by importance; 0: none"),
     }
 
