@@ -14,5 +14,12 @@ def test_pack_loaded_without_import_errors(comfyui):
     assert "LoRA2VisualizeRanks" in info, log
     for name, node in info.items():
         if name.startswith("LoRA2"):
-            assert node["category"] == "LoRA²" and "LoRA²" in node["display_name"], name
-    assert {"LoRA2LoadAdapter", "LoRA2ZeroPad", "LoRA2Merge", "LoRA2VisualizeRanks"} <= set(info)
+            assert node["category"].split("/")[0] == "LoRA²" and "LoRA²" in node["display_name"], name
+    assert {"LoRA2LoadAdapter", "LoRA2ZeroPad", "LoRA2Merge", "LoRA2VisualizeRanks", "LoRA2TrainSDXL",
+            "LoRA2RankSettings", "LoRA2TrainingSettings", "LoRA2Dataset", "LoRA2Samples", "LoRA2SdScripts",
+            "LoRA2Train"} <= set(info)
+    # the train node takes each settings node's output on an input of that type
+    train = info["LoRA2TrainSDXL"]["input"]
+    for socket, kind in (("rank_settings", "LoRA2RankSettings"), ("training_settings", "LoRA2TrainingSettings"),
+                         ("dataset", "LoRA2Dataset"), ("samples", "LoRA2Samples"), ("sd_scripts", "LoRA2SdScripts")):
+        assert train["optional"][socket][0] == info[kind]["output"][0], socket
