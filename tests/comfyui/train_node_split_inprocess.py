@@ -81,4 +81,5 @@ with torch.inference_mode():  # ComfyUI runs every node under inference mode
                                         rank_settings=rank, training_settings=training, dataset=dataset,
                                         **ESSENTIALS)
         found["split"] = digest("split")
-print(json.dumps({"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(), **found}))
+print(json.dumps({"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
+                  "threads": torch.get_num_threads(), **found}))

@@ -42,13 +42,17 @@ def clip_config(name, width, act):
     path = os.path.join(work, f"{name}.json")
     with open(path, "w") as f:
         json.dump({"num_hidden_layers": 3, "hidden_size": width, "num_attention_heads": 2,
-                   "intermediate_size": 2 * width, "hidden_act": act}, f)
+                   "intermediate_size": 2 * width, "hidden_act": act,
+                   "max_position_embeddings": 77, "eos_token_id": 49407}, f)  # (current ComfyUI needs both)
     return path
 
 
 def randomize(module, gen):
     for name, p in module.named_parameters():
-        if name.endswith("logit_scale") or name.endswith("text_projection.weight"):
+        if name.endswith("logit_scale"):
+            continue
+        if name.endswith("text_projection.weight"):  # identity, as the early-2024 ComfyUI initialises it
+            p.copy_(torch.eye(p.shape[0], dtype=p.dtype))
             continue
         if "layer_norm" in name:
             p.copy_(torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p))
