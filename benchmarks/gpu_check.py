@@ -386,7 +386,7 @@ def part_comfyui(ctx: Context) -> dict:
     if why:
         # what a run would use is at least imported and built
         g_train = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "x.safetensors"}},
-                   "20": graphs.train_node("1", ctx.work, "x", steps=1)}
+                   **graphs.train_node("20", "1", ctx.work, "x", steps=1)}
         g_sample = graphs.sample_graph("x.safetensors", lora={"class_type": "LoraLoader", "inputs": {
             "lora_name": "x.safetensors", "strength_model": 1.0, "strength_clip": 1.0}})
         return {"status": "skipped", "skipped": why, "imports_checked": ["comfyui_harness", "graphs"],
@@ -454,8 +454,8 @@ def _comfyui_checks(ctx, H, graphs, client, ckpt_name) -> dict:
 
     # train (embedded backend; on a GPU ComfyUI holds the UNet in fp16: autocast + GradScaler)
     graph = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
-             "20": graphs.train_node("1", data, tag, steps=train_steps, resolution=res_px,
-                                     gradient_checkpointing=True, **knobs)}
+             **graphs.train_node("20", "1", data, tag, steps=train_steps, resolution=res_px,
+                                 gradient_checkpointing=True, **knobs)}
     t0 = time.perf_counter()
     with H.Messages(client) as ws:
         entry = client.run(graph, timeout=1800)
